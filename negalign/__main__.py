@@ -1,0 +1,3 @@
+from negalign.cli import app
+
+app(prog_name="negalign")

