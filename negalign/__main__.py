@@ -1,3 +1,5 @@
 from negalign.cli import app
 
-app(prog_name="negalign")
+# The guard matters: vLLM spawns worker processes that re-import the main module.
+if __name__ == "__main__":
+    app(prog_name="negalign")

@@ -170,7 +170,7 @@ def run(cfg: PrepareConfig) -> None:
     n_neg = sum(len(r["negatives"] or []) for r in records)
     bad = ", ".join(f"{k}: {v}" for k, v in summary["bad_rows"].items()) or "none"
     console.print(
-        f"prepare [{summary.get('format')}]: {summary['input_rows']} rows -> {len(records)} prompts "
+        f"prepare ({summary.get('format')}): {summary['input_rows']} rows -> {len(records)} prompts "
         f"({summary['duplicates']} duplicates collapsed; bad rows skipped: {bad}); "
         f"{sum(r['target'] is not None for r in records)} targets, {n_neg} given negatives; "
         f"train {len(train)} -> {run_path(cfg, 'prompts')}"
