@@ -17,10 +17,18 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DATA = ROOT / "examples" / "data" / "short_answers.jsonl"
 
 
-def negalign(*args: str, check: bool = False, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def negalign(
+    *args: str, check: bool = False, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run the CLI in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "negalign", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "negalign", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"negalign {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
