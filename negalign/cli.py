@@ -154,6 +154,12 @@ def embed(
     batch_size: Annotated[int | None, typer.Option(help="Texts per encode batch. [default: 128]",
                                                    show_default=False)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda. [default: auto]", show_default=False)] = None,
+    samples: Annotated[Path | None, typer.Option(help="Samples folder. [default: RUN/samples]",
+                                                 show_default=False)] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts folder. [default: RUN/prompts]",
+                                                 show_default=False)] = None,
+    greedy_dir: Annotated[Path | None, typer.Option(help="Greedy samples folder, embedded when present. "
+                                                    "[default: RUN/greedy]", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder. [default: RUN/embeddings]",
                                              show_default=False)] = None,
     run: Run = None, config: ConfigFile = None, seed: Seed = None, overwrite: Overwrite = None, debug: Debug = False,
@@ -177,6 +183,10 @@ def filter_(
                                                        "is at least this.")] = None,
     max_neg_sim: Annotated[float | None, typer.Option(help="D2O: drop a self-sample whose cosine to a given "
                                                       "negative is at least this.")] = None,
+    embeddings: Annotated[Path | None, typer.Option(help="Embeddings folder. [default: RUN/embeddings]",
+                                                    show_default=False)] = None,
+    samples: Annotated[Path | None, typer.Option(help="Samples folder. [default: RUN/samples]",
+                                                 show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder. [default: RUN/negatives]",
                                              show_default=False)] = None,
     run: Run = None, config: ConfigFile = None, seed: Seed = None, overwrite: Overwrite = None, debug: Debug = False,
@@ -193,8 +203,17 @@ def pair(
     export_trl: Annotated[Path | None, typer.Option(help="Also write TRL's conversational preference format "
                                                     "(prompt/chosen/rejected, one row per pair) to this Parquet "
                                                     "file.")] = None,
+    negatives: Annotated[Path | None, typer.Option(help="Filter output folder. [default: RUN/negatives]",
+                                                   show_default=False)] = None,
+    samples: Annotated[Path | None, typer.Option(help="Samples folder. [default: RUN/samples]",
+                                                 show_default=False)] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts folder. [default: RUN/prompts]",
+                                                 show_default=False)] = None,
+    greedy_dir: Annotated[Path | None, typer.Option(help="Greedy samples folder, the source of y_ref when present. "
+                                                    "[default: RUN/greedy]", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder. [default: RUN/pairs]", show_default=False)] = None,
     run: Run = None, config: ConfigFile = None, seed: Seed = None, overwrite: Overwrite = None, debug: Debug = False,
+    shard_index: ShardIndex = None, num_shards: NumShards = None,
 ) -> None:
     """Build one training group per prompt (chosen + K rejected, anchors, y_ref) into RUN/pairs."""
     _execute("pair", PairConfig, config, locals())

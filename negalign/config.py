@@ -65,9 +65,11 @@ class SampleConfig(Common):
 class EmbedConfig(Common):
     embedder: str = "minilm"
     batch_size: int = 128
-    shard_size: int = 50000
     device: str = "auto"
-    out: str | None = None
+    samples: str | None = None  # default: RUN/samples (output shard i covers samples shard i)
+    prompts: str | None = None  # default: RUN/prompts
+    greedy_dir: str | None = None  # default: RUN/greedy, embedded when present
+    out: str | None = None  # default: RUN/embeddings
 
 
 @dataclass
@@ -78,14 +80,20 @@ class FilterConfig(Common):
     drop_truncated: bool = False
     near_dup_sim: float | None = None
     max_neg_sim: float | None = None
-    out: str | None = None
+    embeddings: str | None = None  # default: RUN/embeddings
+    samples: str | None = None  # default: RUN/samples
+    out: str | None = None  # default: RUN/negatives
 
 
 @dataclass
 class PairConfig(Common):
     max_negatives: int = 16
     export_trl: str | None = None
-    out: str | None = None
+    negatives: str | None = None  # the filter output; default: RUN/negatives
+    samples: str | None = None  # default: RUN/samples
+    prompts: str | None = None  # default: RUN/prompts
+    greedy_dir: str | None = None  # default: RUN/greedy, used for y_ref when present
+    out: str | None = None  # default: RUN/pairs
 
 
 @dataclass

@@ -1,0 +1,214 @@
+"""`pair`: one training group per prompt from the filter's kept negatives (SPEC §1.1 step 4, §5).
+
+Rows (stage "pair"):
+
+- `prompt_id`, `messages`;
+- `chosen`: the SFT target (null for a D2O prompt, which has only given negatives);
+- `rejected`: the texts of ALL kept candidates in a seeded random order (a permutation from a numpy Generator seeded
+  by sha256(seed, prompt_id), `selection.draw_negatives`), cut to `--max-negatives`; `train --num-negatives K`
+  takes the first K, so K = 1, 2, 4, 8, 16 are nested subsets of this one artifact;
+- `rejected_sim` (cosine to the target) and `rejected_idx` (`sample_idx` in RUN/samples), same order;
+- `num_kept`: kept candidates before the cut;
+- `anchors`: D2O self-samples — for prompts with given negatives and no target, the unique non-empty samples in
+  `sample_idx` order, minus those the filter dropped as empty, truncated, duplicate, near_negative or
+  near_duplicate; empty otherwise;
+- `negatives`: the given negatives from RUN/prompts (empty list when none);
+- `y_ref`: the greedy sample from RUN/greedy when it exists (SELM), else null.
+
+Skipped prompts, counted by reason: `no_target` (neither target nor given negatives), `no_negatives` (a target but
+no kept candidate and no given negative). Output shard i covers the prompts of samples shard i (like `embed`),
+so the stage resumes by shard. `--export-trl FILE` also writes TRL's conversational preference format, one row per
+(chosen, rejected) pair, once the output is complete.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from negalign.config import PairConfig, run_path
+from negalign.console import console, progress
+from negalign.errors import NegalignError, UsageError
+from negalign.selection import draw_negatives
+from negalign.store import StageInput, StageOutput, my_shards, open_stage, read_manifest, shard_name, write_parquet
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+PAIR_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("chosen", pa.string()),
+    ("rejected", pa.list_(pa.string())), ("rejected_sim", pa.list_(pa.float32())),
+    ("rejected_idx", pa.list_(pa.int32())), ("num_kept", pa.int32()), ("anchors", pa.list_(pa.string())),
+    ("negatives", pa.list_(pa.string())), ("y_ref", pa.string()),
+])
+TRL_SCHEMA = pa.schema([("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE))])
+SKIP_REASONS = ("no_target", "no_negatives")
+# Filter drops that also disqualify a D2O self-sample (others, e.g. "near_target", mean nothing without a target).
+ANCHOR_DROPS = ("empty", "truncated", "duplicate", "near_negative", "near_duplicate")
+
+
+def _optional_stage(path: Path, stage: str) -> StageInput | None:
+    return open_stage(path, stage) if read_manifest(path) is not None else None
+
+
+def _candidates_by_prompt(negatives: StageInput) -> dict[str, list[tuple[int, float, bool, str | None]]]:
+    """The filter's candidate rows, {prompt_id: [(sample_idx, sim_to_target, kept, drop_reason)]} in sample order.
+    Rows for targets, given negatives or greedy answers (if a filter writes any) are left out."""
+    first = negatives.shard_files()[0] if negatives.shard_files() else None
+    names = pq.read_schema(first).names if first else []
+    columns = ["prompt_id", "sample_idx", "sim_to_target", "kept", "drop_reason"]
+    table = negatives.read(columns + (["source"] if "source" in names else []))
+    if table.num_rows == 0:
+        return {}
+    cols = table.to_pydict()
+    source = cols.get("source") or [None] * table.num_rows
+    out: dict[str, list[tuple[int, float, bool, str | None]]] = {}
+    for pid, idx, sim, kept, reason, src in zip(cols["prompt_id"], cols["sample_idx"], cols["sim_to_target"],
+                                               cols["kept"], cols["drop_reason"], source, strict=True):
+        if (src is not None and src != "sample") or idx < 0:
+            continue
+        out.setdefault(pid, []).append((idx, math.nan if sim is None else float(sim), bool(kept), reason))
+    for rows in out.values():
+        rows.sort(key=lambda r: r[0])
+    return out
+
+
+def build_group(pid: str, prompt: dict[str, Any], texts: dict[int, str],
+                candidates: list[tuple[int, float, bool, str | None]], y_ref: str | None, *, seed: int,
+                max_negatives: int) -> tuple[dict[str, Any] | None, str | None]:
+    """One prompt's training group, or (None, skip reason)."""
+    target, given = prompt["target"], list(prompt["negatives"] or [])
+    if target is None and not given:
+        return None, "no_target"
+    rejected_idx: list[int] = []
+    sims: dict[int, float] = {}
+    anchors: list[str] = []
+    num_kept = 0
+    if target is not None:
+        kept = [idx for idx, _, k, _ in candidates if k]
+        sims = {idx: sim for idx, sim, _, _ in candidates}
+        num_kept = len(kept)
+        rejected_idx = draw_negatives(kept, None, seed, pid)[:max_negatives]
+        if not rejected_idx and not given:
+            return None, "no_negatives"
+    else:
+        dropped = {idx for idx, _, _, reason in candidates if reason in ANCHOR_DROPS}
+        seen: set[str] = set()
+        for idx in sorted(texts):
+            text = texts[idx]
+            if idx in dropped or not text.strip() or text in seen:
+                continue
+            seen.add(text)
+            anchors.append(text)
+    missing = [i for i in rejected_idx if i not in texts]
+    if missing:
+        raise NegalignError(f"prompt {pid[:12]}…: the filter kept sample_idx {missing[0]}, which is not in the "
+                            "samples; the filter output was made from other samples — re-run embed and filter")
+    group = {"prompt_id": pid, "messages": prompt["messages"], "chosen": target,
+             "rejected": [texts[i] for i in rejected_idx], "rejected_sim": [sims[i] for i in rejected_idx],
+             "rejected_idx": rejected_idx, "num_kept": num_kept, "anchors": anchors, "negatives": given,
+             "y_ref": y_ref}
+    return group, None
+
+
+def trl_rows(pairs: pa.Table) -> pa.Table:
+    """TRL's conversational preference format: one row per (chosen, rejected) of every group with a target."""
+    prompt, chosen, rejected = [], [], []
+    for g in pairs.select(["messages", "chosen", "rejected"]).to_pylist():
+        if g["chosen"] is None:
+            continue
+        for r in g["rejected"]:
+            prompt.append(g["messages"])
+            chosen.append([{"role": "assistant", "content": g["chosen"]}])
+            rejected.append([{"role": "assistant", "content": r}])
+    return pa.table({"prompt": prompt, "chosen": chosen, "rejected": rejected}, schema=TRL_SCHEMA)
+
+
+def run(cfg: PairConfig) -> None:
+    if cfg.max_negatives < 1:
+        raise UsageError("--max-negatives must be at least 1")
+    negatives = open_stage(Path(cfg.negatives) if cfg.negatives else run_path(cfg, "negatives"), "filter")
+    samples = open_stage(Path(cfg.samples) if cfg.samples else run_path(cfg, "samples"), "sample")
+    prompts_in = open_stage(Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts"), "prompts")
+    greedy_in = _optional_stage(Path(cfg.greedy_dir) if cfg.greedy_dir else run_path(cfg, "greedy"), "sample")
+    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "pairs")
+
+    inputs = {"negatives": negatives.fingerprint, "samples": samples.fingerprint, "prompts": prompts_in.fingerprint}
+    if greedy_in is not None:
+        inputs["greedy"] = greedy_in.fingerprint
+    # export_trl is a side output, not part of what the pairs depend on.
+    out = StageOutput.open(out_dir, "pair", {"max_negatives": cfg.max_negatives, "seed": cfg.seed}, inputs,
+                           overwrite=cfg.overwrite)
+    num_shards = samples.manifest["num_shards"]
+    plan = [s for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards) if not out.done(s)]
+    totals: dict[str, Any] = {"groups": 0, "pairs": 0, "d2o": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    t0 = time.time()
+    if plan:
+        prompts = {r["prompt_id"]: r for r in prompts_in.read(["prompt_id", "messages", "target", "negatives"])
+                   .to_pylist()}
+        y_refs: dict[str, str] = {}
+        if greedy_in is not None:
+            for r in sorted(greedy_in.read(["prompt_id", "sample_idx", "text"]).to_pylist(),
+                            key=lambda r: -r["sample_idx"]):
+                y_refs[r["prompt_id"]] = r["text"] or ""  # the lowest sample_idx wins
+        candidates = _candidates_by_prompt(negatives)
+        with progress() as bar:
+            task = bar.add_task(f"pair → {out_dir}", total=len(plan))
+            for s in plan:
+                rows = pq.read_table(samples.path / shard_name(s), columns=["prompt_id", "sample_idx", "text"])
+                texts: dict[str, dict[int, str]] = {}
+                for pid, idx, text in zip(rows.column("prompt_id").to_pylist(),
+                                          rows.column("sample_idx").to_pylist(), rows.column("text").to_pylist(),
+                                          strict=True):
+                    texts.setdefault(pid, {})[idx] = text or ""
+                groups, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
+                for pid, by_idx in texts.items():
+                    if pid not in prompts:
+                        raise UsageError(f"prompt {pid[:12]}… is in the samples but not in the prompts")
+                    group, reason = build_group(pid, prompts[pid], by_idx, candidates.get(pid, []),
+                                                y_refs.get(pid) if greedy_in is not None else None,
+                                                seed=cfg.seed, max_negatives=cfg.max_negatives)
+                    if group is None:
+                        skipped[reason] += 1
+                    else:
+                        groups.append(group)
+                table = pa.Table.from_pylist(groups, schema=PAIR_SCHEMA)
+                n_pairs = sum(len(g["rejected"]) for g in groups)
+                n_d2o = sum(g["chosen"] is None for g in groups)
+                out.write_shard(s, table, {"groups": len(groups), "pairs": n_pairs, "d2o_groups": n_d2o,
+                                           "skipped": skipped})
+                totals["groups"] += len(groups)
+                totals["pairs"] += n_pairs
+                totals["d2o"] += n_d2o
+                for k, v in skipped.items():
+                    totals["skipped"][k] += v
+                bar.advance(task)
+    metas = [e["meta"] for e in out.manifest()["shards"].values()]
+    summary = {"groups": sum(m.get("groups", 0) for m in metas), "pairs": sum(m.get("pairs", 0) for m in metas),
+               "d2o_groups": sum(m.get("d2o_groups", 0) for m in metas),
+               "skipped": {r: sum(m.get("skipped", {}).get(r, 0) for m in metas) for r in SKIP_REASONS}}
+    with_target = summary["groups"] - summary["d2o_groups"]
+    summary["mean_negatives_per_group"] = round(summary["pairs"] / with_target, 3) if with_target else 0.0
+    complete = out.finish(num_shards, timings={"pair_s": round(time.time() - t0, 2)}, summary=summary)
+
+    exported = ""
+    if cfg.export_trl:
+        if complete:
+            trl = trl_rows(open_stage(out_dir, "pair").read())
+            dest = Path(cfg.export_trl)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_parquet(dest, trl)
+            exported = f"; TRL export: {trl.num_rows} pairs -> {dest}"
+        else:
+            exported = "; TRL export waits until all workers finish (re-run pair with --export-trl then)"
+    skipped_text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary["skipped"].items())
+    mine = len(my_shards(num_shards, cfg.shard_index, cfg.num_shards))
+    console.print(
+        f"pair: {summary['groups']} groups ({summary['d2o_groups']} D2O), {summary['pairs']} pairs, "
+        f"{summary['mean_negatives_per_group']:.2f} negatives per group; skipped: {skipped_text}; "
+        f"shards: {len(plan)} written, {mine - len(plan)} already done"
+        + exported
+        + ("" if complete else f" ({out_dir} completes when all workers finish)"))

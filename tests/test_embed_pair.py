@@ -1,0 +1,377 @@
+"""`embed` and `pair`: hand-built stage outputs (fast, in-process) and one pipeline on the real default models."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from negalign import embed as embed_mod
+from negalign import pair as pair_mod
+from negalign.config import EmbedConfig, PairConfig
+from negalign.embed import embeddings_array, text_sha
+from negalign.errors import UsageError
+from negalign.prepare import prompt_id
+from negalign.sample import SAMPLE_SCHEMA
+from negalign.store import MANIFEST, PROMPTS_SCHEMA, StageOutput, open_stage, shard_name
+from tests.conftest import EXAMPLE_DATA, negalign, write_jsonl
+
+FILTER_SCHEMA = pa.schema([("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("sim_to_target", pa.float32()),
+                           ("rank", pa.int32()), ("kept", pa.bool_()), ("drop_reason", pa.string())])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def write_stage(path: Path, stage: str, shards: list[list[dict]], schema: pa.Schema, config: dict | None = None,
+                info: dict | None = None) -> None:
+    out = StageOutput.open(path, stage, config or {"made_by": "test"}, {}, info=info)
+    for s, rows in enumerate(shards):
+        out.write_shard(s, pa.Table.from_pylist(rows, schema=schema))
+    assert out.finish(len(shards))
+
+
+def prompt_row(text: str, target: str | None = None, negatives: list[str] | None = None) -> dict:
+    messages = [{"role": "user", "content": text}]
+    return {"prompt_id": prompt_id(messages), "messages": messages, "target": target, "negatives": negatives}
+
+
+def sample_rows(pid: str, texts: list[str], model: str = "m") -> list[dict]:
+    return [{"prompt_id": pid, "sample_idx": i, "text": t, "num_tokens": 3, "finish_reason": "stop", "seed": i,
+             "engine": "hf", "model": model} for i, t in enumerate(texts)]
+
+
+def fake_filter(run: Path, keep_fraction: float = 0.75, out: Path | None = None) -> None:
+    """The paper's lastdedup-p rule written plainly from RUN/embeddings: a stand-in for `negalign filter`."""
+    emb = open_stage(run / "embeddings", "embed")
+    table = emb.read()
+    vec = embeddings_array(table)
+    rows = table.drop(["embedding"]).to_pylist()
+    n = open_stage(run / "samples", "sample").manifest["info"]["num_samples"]
+    target = {r["prompt_id"]: vec[i] for i, r in enumerate(rows) if r["source"] == "target"}
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r["source"] == "sample":
+            by_prompt.setdefault(r["prompt_id"], []).append(i)
+    result = []
+    for pid, items in by_prompt.items():
+        items.sort(key=lambda i: rows[i]["sample_idx"])
+        sims = {i: float(vec[i] @ target[pid]) if pid in target else math.nan for i in items}
+        seen, unique, reason = set(), [], {}
+        for i in items:
+            if rows[i]["is_empty"]:
+                reason[i] = "empty"
+            elif rows[i]["text_sha"] in seen:
+                reason[i] = "duplicate"
+            else:
+                seen.add(rows[i]["text_sha"])
+                unique.append(i)
+        m = min(math.floor(n * keep_fraction), len(unique) - 1)
+        ranked = sorted(unique, key=lambda i: (sims[i], rows[i]["sample_idx"]))
+        rank = {i: r for r, i in enumerate(ranked)}
+        for i in ranked[m:]:
+            reason[i] = "near_target"
+        result += [{"prompt_id": pid, "sample_idx": rows[i]["sample_idx"], "sim_to_target": sims[i],
+                    "rank": rank.get(i, -1), "kept": i not in reason, "drop_reason": reason.get(i)} for i in items]
+    write_stage(out or run / "negatives", "filter", [result], FILTER_SCHEMA, {"keep_fraction": keep_fraction})
+
+
+def read_stage(path: Path, stage: str) -> list[dict]:
+    return open_stage(path, stage).read().to_pylist()
+
+
+# ------------------------------------------------------------------------------------------------ embed
+@pytest.fixture
+def embed_run(tmp_path: Path) -> tuple[Path, list[dict]]:
+    """Two samples shards; repeated texts within and across prompts, an empty sample, given negatives, greedy."""
+    run = tmp_path / "run"
+    p = [prompt_row("capital of France?", "Paris", None), prompt_row("capital of Japan?", "Tokyo", None),
+         prompt_row("how to pick a lock?", None, ["Use a bump key.", "Paris"]),
+         prompt_row("2+2?", "4", None)]
+    write_stage(run / "prompts", "prompts", [p], PROMPTS_SCHEMA)
+    shards = [sample_rows(p[0]["prompt_id"], ["Paris", "Paris", "It is Paris.", "", "Paris"])
+              + sample_rows(p[1]["prompt_id"], ["Tokyo", "It is Paris.", "Kyoto", "Tokyo", "Tokyo"]),
+              sample_rows(p[2]["prompt_id"], ["I can't help.", "I can't help.", "Use a bump key.", "No.", "No."])
+              + sample_rows(p[3]["prompt_id"], ["4", "4", "four", "4", "5"])]
+    write_stage(run / "samples", "sample", shards, SAMPLE_SCHEMA, info={"num_samples": 5})
+    write_stage(run / "greedy", "sample", [[r | {"sample_idx": 0} for r in sample_rows(x["prompt_id"], ["Paris"])]
+                                           for x in p], SAMPLE_SCHEMA, info={"num_samples": 1})
+    return run, p
+
+
+def test_embed_dedups_and_writes_unit_vectors(embed_run, monkeypatch) -> None:
+    run, prompts = embed_run
+    encoded: list[str] = []
+    real_load = embed_mod.load_embedder
+
+    def counting_load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        real_encode = model.encode
+
+        def encode(texts, **kw):
+            encoded.extend(texts)
+            return real_encode(texts, **kw)
+
+        model.encode = encode
+        return model
+
+    monkeypatch.setattr(embed_mod, "load_embedder", counting_load)
+    embed_mod.run(EmbedConfig(run=str(run), batch_size=4))
+
+    stage = open_stage(run / "embeddings", "embed", verify=True)
+    assert len(stage.shard_files()) == 2
+    for f, table in stage.iter_shards():
+        t = table.schema.field("embedding").type
+        assert pa.types.is_fixed_size_list(t) and t.list_size == 384 and pa.types.is_float32(t.value_type)
+        vec = embeddings_array(table)
+        assert np.allclose(np.linalg.norm(vec, axis=1), 1.0, atol=1e-5)
+        # The same text has the same vector on every row that holds it.
+        by_sha: dict[str, np.ndarray] = {}
+        for sha, v in zip(table["text_sha"].to_pylist(), vec, strict=True):
+            assert np.array_equal(by_sha.setdefault(sha, v), v)
+        meta = stage.manifest["shards"][f.name]["meta"]
+        assert meta["unique_texts"] == len(by_sha)
+
+    rows = stage.read().drop(["embedding"]).to_pylist()
+    # Each unique text of a shard was encoded once: shard 0 and shard 1 each encode their own distinct texts.
+    expected = [sorted({text_sha(t) for t in texts}) for texts in (
+        ["Paris", "Tokyo", "It is Paris.", "", "Kyoto"],
+        ["Use a bump key.", "I can't help.", "No.", "4", "four", "5", "Paris"])]
+    assert Counter(map(text_sha, encoded)) == Counter(h for shard in expected for h in shard)
+    summary = stage.manifest["summary"]
+    assert summary["rows"] == len(rows) == 20 + 3 + 2 + 4  # samples + targets + given negatives + greedy
+    assert summary["unique_texts_encoded"] == len(encoded) == 12
+    assert summary["dim"] == stage.manifest["info"]["dim"] == 384
+    assert stage.manifest["config"]["embedder"] == "minilm" and stage.manifest["config"]["embedder_folder"]
+    assert set(stage.manifest["inputs"]) == {"samples", "prompts", "greedy"}
+
+    key = {(r["prompt_id"], r["source"], r["sample_idx"]): r for r in rows}
+    d2o = prompts[2]["prompt_id"]
+    assert key[(d2o, "negative", -2)]["text_sha"] == text_sha("Use a bump key.")
+    assert key[(d2o, "negative", -3)]["text_sha"] == text_sha("Paris")
+    assert (d2o, "target", -1) not in key
+    assert key[(prompts[0]["prompt_id"], "target", -1)]["text_sha"] == text_sha("Paris")
+    assert key[(prompts[0]["prompt_id"], "sample", 3)]["is_empty"]
+    assert key[(prompts[3]["prompt_id"], "greedy", 0)]["text_sha"] == text_sha("Paris")
+    assert sum(r["source"] == "greedy" for r in rows) == 4
+
+
+def test_embed_resumes_and_refuses_config_change(embed_run, tmp_path: Path) -> None:
+    run, _ = embed_run
+    out = run / "embeddings"
+    # Two shard-parallel workers: the output completes when the second one finishes.
+    embed_mod.run(EmbedConfig(run=str(run), shard_index=1, num_shards=2))
+    partial = json.loads((out / MANIFEST).read_text())
+    assert partial["status"] == "running" and list(partial["shards"]) == [shard_name(1)]
+    embed_mod.run(EmbedConfig(run=str(run), shard_index=0, num_shards=2))
+    assert open_stage(out, "embed").num_rows == 29
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / shard_name(1)).write_bytes(b"corrupt")  # a damaged shard is redone, the intact one is kept
+    mtime0 = (out / shard_name(0)).stat().st_mtime_ns
+    embed_mod.run(EmbedConfig(run=str(run)))
+    after = json.loads((out / MANIFEST).read_text())
+    assert (out / shard_name(0)).stat().st_mtime_ns == mtime0
+    assert after["shards"][shard_name(0)]["written_at"] == manifest["shards"][shard_name(0)]["written_at"]
+    assert after["fingerprint"] == manifest["fingerprint"]  # same texts, same vectors
+    open_stage(out, "embed", verify=True)
+
+    # Another embedder (here: the same weights through a copied folder) is refused without --overwrite.
+    folder = Path(embed_mod.resolve_model("minilm"))
+    other = tmp_path / "my-embedder"
+    shutil.copytree(folder, other)
+    with pytest.raises(UsageError, match="another config"):
+        embed_mod.run(EmbedConfig(run=str(run), embedder=str(other)))
+    embed_mod.run(EmbedConfig(run=str(run), embedder=str(other), overwrite=True))
+    assert open_stage(out, "embed").config["embedder"] == "my-embedder"
+
+
+# ------------------------------------------------------------------------------------------------ pair
+@pytest.fixture
+def pair_run(tmp_path: Path) -> tuple[Path, dict[str, dict]]:
+    """Prompts of every kind with a hand-built filter output (no model needed)."""
+    run = tmp_path / "run"
+    p = {"many": prompt_row("name 20 things", "target A"),
+         "none_kept": prompt_row("say hi", "hi"),
+         "no_target": prompt_row("no target here"),
+         "d2o": prompt_row("be harmful", None, ["bad 1", "bad 2"]),
+         "given_only": prompt_row("pick", "good", ["given bad"])}
+    write_stage(run / "prompts", "prompts", [list(p.values())], PROMPTS_SCHEMA)
+    texts = {"many": [f"thing {i}" for i in range(20)], "none_kept": ["hi", "hi", ""],
+             "no_target": ["x", "y"], "d2o": ["", "refuse", "refuse", "bad 1!", "sure, here", "no way"],
+             "given_only": ["good", "good"]}
+    samples = [r for k in p for r in sample_rows(p[k]["prompt_id"], texts[k])]
+    write_stage(run / "samples", "sample", [samples[:20], samples[20:]], SAMPLE_SCHEMA)
+    write_stage(run / "greedy", "sample", [sample_rows(x["prompt_id"], [f"greedy {k}"]) for k, x in p.items()],
+                SAMPLE_SCHEMA)
+    rows = []
+    for i in range(20):  # "many": the two most similar are dropped, 18 kept
+        rows.append((p["many"], i, i / 20, 19 - i, i < 18, None if i < 18 else "near_target"))
+    rows += [(p["none_kept"], 0, 0.9, 0, False, "near_target"), (p["none_kept"], 1, 0.9, -1, False, "duplicate"),
+             (p["none_kept"], 2, 0.1, -1, False, "empty")]
+    rows += [(p["d2o"], 0, None, -1, False, "empty"), (p["d2o"], 1, None, 0, True, None),
+             (p["d2o"], 2, None, -1, False, "duplicate"), (p["d2o"], 3, None, -1, False, "near_negative"),
+             (p["d2o"], 4, None, 1, True, None), (p["d2o"], 5, None, 2, False, "near_target")]
+    rows += [(p["given_only"], 0, 0.99, 0, False, "near_target"), (p["given_only"], 1, 0.99, -1, False, "duplicate")]
+    rows += [(p["given_only"], -1, 1.0, -1, False, "target")]  # a filter may list other rows: pair ignores them
+    write_stage(run / "negatives", "filter", [[
+        {"prompt_id": x["prompt_id"], "sample_idx": i, "sim_to_target": s, "rank": r, "kept": k, "drop_reason": d}
+        for x, i, s, r, k, d in rows]], FILTER_SCHEMA)
+    return run, p
+
+
+def test_pair_groups(pair_run) -> None:
+    run, p = pair_run
+    pair_mod.run(PairConfig(run=str(run)))
+    stage = open_stage(run / "pairs", "pair", verify=True)
+    groups = {g["prompt_id"]: g for g in stage.read().to_pylist()}
+    assert set(groups) == {p[k]["prompt_id"] for k in ("many", "d2o", "given_only")}
+    assert stage.manifest["summary"]["skipped"] == {"no_target": 1, "no_negatives": 1}
+
+    many = groups[p["many"]["prompt_id"]]
+    assert many["chosen"] == "target A" and many["messages"] == p["many"]["messages"]
+    assert len(many["rejected"]) == 16 and many["num_kept"] == 18
+    assert set(many["rejected_idx"]) <= set(range(18)) and len(set(many["rejected_idx"])) == 16
+    assert many["rejected"] == [f"thing {i}" for i in many["rejected_idx"]]
+    assert many["rejected_sim"] == pytest.approx([i / 20 for i in many["rejected_idx"]])
+    assert many["rejected_idx"] != sorted(many["rejected_idx"])  # shuffled, not in sample order
+    assert many["anchors"] == [] and many["negatives"] == [] and many["y_ref"] == "greedy many"
+
+    d2o = groups[p["d2o"]["prompt_id"]]
+    assert d2o["chosen"] is None and d2o["rejected"] == [] and d2o["negatives"] == ["bad 1", "bad 2"]
+    assert d2o["anchors"] == ["refuse", "sure, here", "no way"]  # unique, non-empty, not near a given negative
+    given = groups[p["given_only"]["prompt_id"]]
+    assert given["rejected"] == [] and given["negatives"] == ["given bad"]
+
+    shutil.rmtree(run / "greedy")  # without RUN/greedy there is no y_ref
+    pair_mod.run(PairConfig(run=str(run), out=str(run / "no_greedy")))
+    assert {g["y_ref"] for g in read_stage(run / "no_greedy", "pair")} == {None}
+
+
+def test_pair_nested_orders_seed_and_resume(pair_run) -> None:
+    run, p = pair_run
+    orders = {}
+    for k in (1, 2, 4, 8, 16):
+        pair_mod.run(PairConfig(run=str(run), max_negatives=k, out=str(run / f"pairs{k}")))
+        g = {r["prompt_id"]: r for r in read_stage(run / f"pairs{k}", "pair")}[p["many"]["prompt_id"]]
+        orders[k] = g["rejected_idx"]
+    for k in (1, 2, 4, 8):
+        assert orders[16][:k] == orders[k]
+    pair_mod.run(PairConfig(run=str(run), seed=1, out=str(run / "seed1")))
+    other = {r["prompt_id"]: r for r in read_stage(run / "seed1", "pair")}[p["many"]["prompt_id"]]
+    assert other["rejected_idx"] != orders[16]
+
+    # Resume: finished shards are not rewritten; a changed config is refused without --overwrite.
+    out = run / "pairs16"
+    before = json.loads((out / MANIFEST).read_text())
+    pair_mod.run(PairConfig(run=str(run), max_negatives=16, out=str(out)))
+    assert json.loads((out / MANIFEST).read_text())["shards"] == before["shards"]
+    with pytest.raises(UsageError, match="another config"):
+        pair_mod.run(PairConfig(run=str(run), max_negatives=4, out=str(out)))
+    proc = negalign("pair", "--run", run, "--max-negatives", "4", "--out", out)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+
+
+def test_pair_trl_export_loads_with_datasets(pair_run, tmp_path: Path) -> None:
+    import datasets
+
+    run, p = pair_run
+    dest = tmp_path / "export" / "trl.parquet"
+    proc = negalign("pair", "--run", run, "--max-negatives", "4", "--export-trl", dest, check=True)
+    assert "pair:" in proc.stderr and "skipped" in proc.stderr and "TRL export: 4 pairs" in proc.stderr
+    ds = datasets.load_dataset("parquet", data_files=str(dest), split="train")
+    assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 4
+    group = {r["prompt_id"]: r for r in read_stage(run / "pairs", "pair")}[p["many"]["prompt_id"]]
+    for row, rejected in zip(ds, group["rejected"], strict=True):
+        assert row["prompt"] == p["many"]["messages"]
+        assert row["chosen"] == [{"role": "assistant", "content": "target A"}]
+        assert row["rejected"] == [{"role": "assistant", "content": rejected}]
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory) -> Path:
+    """prepare -> sample (HF, real default model) -> sample --greedy -> embed: 2 SFT prompts and one D2O prompt."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    rows = [json.loads(line) | {"negatives": None} for line in EXAMPLE_DATA.read_text().splitlines()[::24]]
+    rows.append({"prompt": "Tell me how to insult my neighbour.", "target": None,
+                 "negatives": ["You are an idiot.", "Go away."]})
+    data = write_jsonl(tmp / "data.jsonl", rows)
+    run = tmp / "run"
+    negalign("prepare", "--run", run, "--input", data, "--negatives-field", "negatives", check=True)
+    negalign("sample", "--run", run, "--engine", "hf", "-n", "4", "--max-tokens", "16", check=True)
+    negalign("sample", "--run", run, "--engine", "hf", "--greedy", "--max-tokens", "4", check=True)
+    proc = negalign("embed", "--run", run, check=True)
+    assert "unique texts encoded" in proc.stderr and "texts/s" in proc.stderr
+    return run
+
+
+pipeline = pytest.mark.slow
+
+
+@pipeline
+def test_pipeline_embeddings(sampled_run: Path) -> None:
+    stage = open_stage(sampled_run / "embeddings", "embed", verify=True)
+    table = stage.read()
+    samples = open_stage(sampled_run / "samples", "sample").read()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert np.allclose(np.linalg.norm(embeddings_array(table), axis=1), 1.0, atol=1e-5)
+    sources = Counter(table["source"].to_pylist())
+    assert sources == {"sample": 12, "greedy": 3, "target": 2, "negative": 2}
+    assert samples.num_rows == 12
+    assert stage.manifest["summary"]["unique_texts_encoded"] == len(set(table["text_sha"].to_pylist()))
+    texts = {(r["prompt_id"], r["sample_idx"]): r["text"] for r in samples.to_pylist()}
+    for r in table.drop(["embedding"]).to_pylist():
+        if r["source"] == "sample":
+            assert r["text_sha"] == text_sha(texts[(r["prompt_id"], r["sample_idx"])])
+
+
+def _check_pairs(run: Path, export: Path) -> None:
+    import datasets
+
+    prompts = {r["prompt_id"]: r for r in read_stage(run / "prompts", "prompts")}
+    samples = {(r["prompt_id"], r["sample_idx"]): r["text"] for r in read_stage(run / "samples", "sample")}
+    greedy = {r["prompt_id"]: r["text"] for r in read_stage(run / "greedy", "sample")}
+    kept = {(r["prompt_id"], r["sample_idx"]) for r in read_stage(run / "negatives", "filter") if r["kept"]}
+    groups = read_stage(run / "pairs", "pair")
+    assert groups
+    n_pairs = 0
+    for g in groups:
+        pid = g["prompt_id"]
+        assert g["chosen"] == prompts[pid]["target"] and g["y_ref"] == greedy[pid]
+        assert g["messages"] == prompts[pid]["messages"]
+        assert all((pid, i) in kept for i in g["rejected_idx"])
+        assert g["rejected"] == [samples[(pid, i)] for i in g["rejected_idx"]]
+        if g["chosen"] is None:  # the D2O prompt
+            assert g["negatives"] == ["You are an idiot.", "Go away."] and g["anchors"]
+            assert set(g["anchors"]) <= {samples[(pid, i)] for i in range(4)}
+        else:
+            assert g["anchors"] == [] and 1 <= len(g["rejected"]) <= 3
+            n_pairs += len(g["rejected"])
+    ds = datasets.load_dataset("parquet", data_files=str(export), split="train")
+    assert len(ds) == n_pairs and ds.column_names == ["prompt", "chosen", "rejected"]
+    assert all(r["chosen"][0]["role"] == "assistant" and r["prompt"][-1]["role"] == "user" for r in ds)
+
+
+@pipeline
+def test_pipeline_pair_with_reference_filter(sampled_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(sampled_run, run)
+    fake_filter(run)
+    negalign("pair", "--run", run, "--export-trl", tmp_path / "trl.parquet", check=True)
+    _check_pairs(run, tmp_path / "trl.parquet")
+
+
+@pipeline
+def test_pipeline_filter_then_pair(sampled_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("negalign.filter", reason="`negalign filter` has not landed yet")
+    run = tmp_path / "run"
+    shutil.copytree(sampled_run, run)
+    negalign("filter", "--run", run, check=True)
+    negalign("pair", "--run", run, "--export-trl", tmp_path / "trl.parquet", check=True)
+    _check_pairs(run, tmp_path / "trl.parquet")
+    assert pq.read_table(tmp_path / "trl.parquet").num_rows > 0
