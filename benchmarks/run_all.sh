@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every stage benchmark against its obvious alternative (one run per stage, side by side) and rebuilds
+# benchmarks/RESULTS.md from the per-stage sections. Usage: make bench   (or: bash benchmarks/run_all.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+$PY benchmarks/bench_sample.py
+$PY benchmarks/bench_embed.py
+$PY benchmarks/bench_filter.py
+{
+  echo "# Benchmark results"
+  echo
+  echo "Each section compares one negalign stage with the obvious alternative in the same run; ratios are the"
+  echo "figures to trust (absolute times on a shared 2-core machine are noisy). Regenerate with \`make bench\`."
+  echo
+  for part in sample embed filter; do
+    [ -f "benchmarks/RESULTS_$part.md" ] && { cat "benchmarks/RESULTS_$part.md"; echo; }
+  done
+} > benchmarks/RESULTS.md
+echo "wrote benchmarks/RESULTS.md"
