@@ -17,6 +17,8 @@ from rich.progress import (
 from rich.text import Text
 
 console = Console(stderr=True, soft_wrap=True, highlight=False)
+if not console.is_terminal:  # logs and pipes: wide enough for the summary tables
+    console.width = max(console.width, 120)
 
 
 class RateColumn(ProgressColumn):
