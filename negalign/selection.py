@@ -290,6 +290,21 @@ class _Block(NamedTuple):
     valid: np.ndarray    # (B, w) False on padding
 
 
+def _sorted_by_group_sample(rows: np.ndarray, g: np.ndarray, si: np.ndarray, num_groups: int
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` (and their groups) in (group, sample_idx, position) order: one value sort of a packed unique
+    uint64 key when the three fields fit in 64 bits, else a lexsort."""
+    si = si - si.min()
+    gbits, sbits, rbits = (int(x).bit_length() for x in (num_groups - 1, si.max(), len(rows) - 1))
+    if gbits + sbits + rbits <= 64:
+        key = ((g.astype(np.uint64) << np.uint64(sbits + rbits)) | (si.astype(np.uint64) << np.uint64(rbits))
+               | np.arange(len(rows), dtype=np.uint64))
+        o = (np.sort(key) & np.uint64((1 << rbits) - 1)).astype(np.intp)
+    else:
+        o = np.lexsort((si, g))
+    return rows[o], g[o]
+
+
 def _prompt_blocks(c: Candidates, rows: np.ndarray) -> list[_Block]:
     """The given rows as padded per-prompt matrices.
 
@@ -297,14 +312,8 @@ def _prompt_blocks(c: Candidates, rows: np.ndarray) -> list[_Block]:
     <= ``_BLOCK_CELLS`` cells. Order inside a matrix row: sample_idx ascending, then row order (stable).
     """
     g, si = c.group[rows], c.sample_idx[rows]
-    if len(rows) > 1 and not (g[1:] >= g[:-1]).all():
-        if len(rows) < 1 << 32 and c.num_groups < 1 << 31:          # stable order by group via a unique key
-            o = (np.sort((g.astype(np.uint64) << np.uint64(32)) | np.arange(len(rows), dtype=np.uint64))
-                 & np.uint64(0xFFFFFFFF)).astype(np.intp)
-        else:
-            o = np.argsort(g, kind="stable")
-        rows, g, si = rows[o], g[o], si[o]
-    in_sample_order = len(rows) < 2 or bool(((g[1:] != g[:-1]) | (si[1:] >= si[:-1])).all())
+    if len(rows) > 1 and not ((g[1:] > g[:-1]) | ((g[1:] == g[:-1]) & (si[1:] >= si[:-1]))).all():
+        rows, g = _sorted_by_group_sample(rows, g, si, c.num_groups)
     start, count = _group_starts(g, c.num_groups)
     width = np.zeros_like(count)
     width[count > 0] = 1 << np.ceil(np.log2(count[count > 0])).astype(np.int64)
@@ -317,9 +326,6 @@ def _prompt_blocks(c: Candidates, rows: np.ndarray) -> list[_Block]:
             gb = groups[b:b + step]
             valid = col < count[gb][:, None]
             idx = rows[start[gb][:, None] + np.where(valid, col, 0)]
-            if not in_sample_order:
-                key = np.where(valid, c.sample_idx[idx], np.iinfo(np.int64).max)
-                idx = np.take_along_axis(idx, np.argsort(key, axis=1, kind="stable"), axis=1)
             blocks.append(_Block(gb, idx, valid))
     return blocks
 

@@ -165,6 +165,14 @@ def test_vectorised_equals_reference_mixed_sizes_and_blocks(shuffle, monkeypatch
         assert np.array_equal(got.rank, expected.rank)
 
 
+def test_unsorted_rows_with_huge_sample_idx_use_the_lexsort_path():
+    c = random_candidates(3)
+    c.sample_idx = c.sample_idx * 2**45 - 7                       # (group, sample, row) no longer fit 64 bits
+    got, expected = select_self_contrast(c), reference_self_contrast(c)
+    assert np.array_equal(got.reason_code, expected.reason_code)
+    assert np.array_equal(got.rank, expected.rank)
+
+
 def test_signed_zero_and_negative_sims_tie_like_floats():
     c = one_prompt([0.0, -0.0, -0.5, 0.0, 1.0])
     sel = select_self_contrast(c, 1.0)
@@ -181,6 +189,13 @@ def test_hash_high_bit_clash_falls_back_exactly():
     c = one_prompt([0.1, 0.2, 0.3, 0.4, 0.5], texts=texts)
     sel = select_random(c)
     assert sel.drop_reason.tolist() == [None, None, "duplicate", "duplicate", None]
+
+
+def test_no_rows():
+    c = Candidates(group=np.zeros(0, np.int64), sample_idx=[], text_hash=np.zeros(0, np.uint64),
+                   is_empty=np.zeros(0, bool), sim=[], num_samples=[3, 0])
+    for sel in (select_self_contrast(c), select_random(c), select_threshold(c, 0.5)):
+        assert sel.kept.shape == sel.rank.shape == (0,) and sel.reason_counts() == {}
 
 
 def test_bad_inputs():
