@@ -136,6 +136,10 @@ def sample(
                                                    show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per HF generate batch. [default: 16]",
                                                    show_default=False)] = None,
+    cpu_kv_cache_gb: Annotated[float | None, typer.Option(help="vLLM on the CPU: KV cache size in GiB. "
+                                                          "[default: 2]", show_default=False)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="vLLM on a GPU: share of GPU memory it may "
+                                                                 "use. [default: 0.9]", show_default=False)] = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompts folder. [default: RUN/prompts]",
                                                  show_default=False)] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder. [default: RUN/samples or RUN/greedy]",

@@ -57,7 +57,8 @@ class SampleConfig(Common):
     batch_size: int = 16
     prompts: str | None = None  # default: RUN/prompts
     out: str | None = None  # default: RUN/samples (RUN/greedy with --greedy)
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.9  # vLLM on a GPU: share of GPU memory for weights + KV cache
+    cpu_kv_cache_gb: float = 2.0  # vLLM on the CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE wins when set)
     enforce_eager: bool = True
 
 
