@@ -167,3 +167,8 @@ def resolve(cls: type, section: str, yaml_data: dict[str, Any], flags: dict[str,
 
 def run_path(cfg: Common, *parts: str) -> Path:
     return Path(cfg.run, *parts)
+
+
+def stage_path(cfg: Common, override: str | None, name: str) -> Path:
+    """A stage folder: the flag's path if given, else RUN/name."""
+    return Path(override) if override else run_path(cfg, name)

@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from negalign.config import EmbedConfig, run_path
+from negalign.config import EmbedConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import UsageError
 from negalign.models import best_device, load_embedder, model_label, resolve_model
-from negalign.store import StageInput, StageOutput, my_shards, open_stage, read_manifest, shard_name
+from negalign.store import StageOutput, my_shards, open_optional_stage, open_stage, shard_name
 
 SOURCES = ("sample", "greedy", "target", "negative")
 TARGET_IDX = -1
@@ -67,11 +67,6 @@ def embeddings_array(table: pa.Table, column: str = "embedding") -> np.ndarray:
 def embedding_dim(model: Any) -> int:
     get = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     return int(get())
-
-
-def _optional_stage(path: Path, stage: str) -> StageInput | None:
-    """Open `path` if it holds an output (finished, else an error); None if there is nothing there."""
-    return open_stage(path, stage) if read_manifest(path) is not None else None
 
 
 def _shard_slots(samples: pa.Table, prompts: dict[str, dict[str, Any]],
@@ -125,10 +120,10 @@ def _encode(model: Any, texts: list[str], batch_size: int, bar: Any, task: Any, 
 def run(cfg: EmbedConfig) -> None:
     if cfg.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    samples = open_stage(Path(cfg.samples) if cfg.samples else run_path(cfg, "samples"), "sample")
-    prompts_in = open_stage(Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts"), "prompts")
-    greedy_in = _optional_stage(Path(cfg.greedy_dir) if cfg.greedy_dir else run_path(cfg, "greedy"), "sample")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "embeddings")
+    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
+    prompts_in = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
+    out_dir = stage_path(cfg, cfg.out, "embeddings")
 
     resolved = resolve_model(cfg.embedder)
     inputs = {"samples": samples.fingerprint, "prompts": prompts_in.fingerprint}

@@ -12,7 +12,6 @@ de-duplicated, and with `--max-neg-sim` those too close to a given negative are 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from negalign import selection
-from negalign.config import FilterConfig, run_path
+from negalign.config import FilterConfig, stage_path
 from negalign.console import console, progress
 from negalign.embed import embeddings_array
 from negalign.errors import UsageError
@@ -144,9 +143,9 @@ def run(cfg: FilterConfig) -> None:
         raise UsageError("--strategy threshold needs --max-sim")
     if not 0.0 <= cfg.keep_fraction <= 1.0:
         raise UsageError(f"--keep-fraction must be in [0, 1], got {cfg.keep_fraction}")
-    embeddings = open_stage(Path(cfg.embeddings) if cfg.embeddings else run_path(cfg, "embeddings"), "embed")
-    samples = open_stage(Path(cfg.samples) if cfg.samples else run_path(cfg, "samples"), "sample")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "negatives")
+    embeddings = open_stage(stage_path(cfg, cfg.embeddings, "embeddings"), "embed")
+    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
+    out_dir = stage_path(cfg, cfg.out, "negatives")
     out = StageOutput.open(out_dir, "filter", _stage_config(cfg),
                            {"embeddings": embeddings.fingerprint, "samples": samples.fingerprint},
                            overwrite=cfg.overwrite)

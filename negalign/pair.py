@@ -31,11 +31,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from negalign.config import PairConfig, run_path
+from negalign.config import PairConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
 from negalign.selection import draw_negatives
-from negalign.store import StageInput, StageOutput, my_shards, open_stage, read_manifest, shard_name, write_parquet
+from negalign.store import (
+    StageInput,
+    StageOutput,
+    my_shards,
+    open_optional_stage,
+    open_stage,
+    shard_name,
+    write_parquet,
+)
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 PAIR_SCHEMA = pa.schema([
@@ -49,9 +57,6 @@ SKIP_REASONS = ("no_target", "no_negatives")
 # Filter drops that also disqualify a D2O self-sample (others, e.g. "near_target", mean nothing without a target).
 ANCHOR_DROPS = ("empty", "truncated", "duplicate", "near_negative", "near_duplicate")
 
-
-def _optional_stage(path: Path, stage: str) -> StageInput | None:
-    return open_stage(path, stage) if read_manifest(path) is not None else None
 
 
 def _candidates_by_prompt(negatives: StageInput) -> dict[str, list[tuple[int, float, bool, str | None]]]:
@@ -130,11 +135,11 @@ def trl_rows(pairs: pa.Table) -> pa.Table:
 def run(cfg: PairConfig) -> None:
     if cfg.max_negatives < 1:
         raise UsageError("--max-negatives must be at least 1")
-    negatives = open_stage(Path(cfg.negatives) if cfg.negatives else run_path(cfg, "negatives"), "filter")
-    samples = open_stage(Path(cfg.samples) if cfg.samples else run_path(cfg, "samples"), "sample")
-    prompts_in = open_stage(Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts"), "prompts")
-    greedy_in = _optional_stage(Path(cfg.greedy_dir) if cfg.greedy_dir else run_path(cfg, "greedy"), "sample")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "pairs")
+    negatives = open_stage(stage_path(cfg, cfg.negatives, "negatives"), "filter")
+    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
+    prompts_in = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
+    out_dir = stage_path(cfg, cfg.out, "pairs")
 
     inputs = {"negatives": negatives.fingerprint, "samples": samples.fingerprint, "prompts": prompts_in.fingerprint}
     if greedy_in is not None:

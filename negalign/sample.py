@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from negalign.config import SampleConfig, run_path
+from negalign.config import SampleConfig, run_path, stage_path
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
 from negalign.models import best_device, load_causal_lm, load_tokenizer, model_label, render_prompt, resolve_model
@@ -116,6 +116,10 @@ class VLLMEngine:
             kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=cfg.max_prompt_tokens +
                        cfg.max_tokens, trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
+        # Requests per generate call: several times the engine's concurrent sequences, so the batch stays full
+        # (a call drains to an empty batch before the next starts) while the progress bar still moves.
+        max_seqs = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
+        self.chunk = 4 * int(getattr(max_seqs, "max_num_seqs", 256) or 256)
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         cfg = self.cfg
@@ -163,7 +167,7 @@ def run(cfg: SampleConfig) -> None:
     num_samples = 1 if cfg.greedy else cfg.num_samples
     if num_samples < 1 or cfg.max_tokens < 1 or cfg.shard_size < 1:
         raise UsageError("--num-samples, --max-tokens and --shard-size must be at least 1")
-    prompts = open_stage(Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts"), "prompts")
+    prompts = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
     out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "greedy" if cfg.greedy else "samples")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
@@ -211,7 +215,7 @@ def run(cfg: SampleConfig) -> None:
                         continue
                     requests += [Request(pid, j, ids, row_seed(cfg.seed, pid, j)) for j in range(first, num_samples)]
                 new_rows: list[dict[str, Any]] = []
-                step = cfg.batch_size if engine.name == "hf" else max(256, cfg.batch_size)
+                step = cfg.batch_size if engine.name == "hf" else engine.chunk
                 for b in range(0, len(requests), step):
                     batch = requests[b:b + step]
                     for req, gen in zip(batch, engine.generate(batch), strict=True):

@@ -240,6 +240,11 @@ def open_stage(path: Path, stage: str | None = None, *, verify: bool = False) ->
     return opened
 
 
+def open_optional_stage(path: Path, stage: str) -> StageInput | None:
+    """Like open_stage, but None when the folder holds no output (e.g. RUN/greedy before `sample --greedy`)."""
+    return open_stage(path, stage) if read_manifest(path) is not None else None
+
+
 # ----------------------------------------------------------------------------------------------- writing
 
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
