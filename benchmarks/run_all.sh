@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-$PY benchmarks/bench_sample.py
-$PY benchmarks/bench_embed.py
-$PY benchmarks/bench_filter.py
+if [ "${1:-}" != "--assemble-only" ]; then
+  $PY benchmarks/bench_sample.py
+  $PY benchmarks/bench_embed.py
+  $PY benchmarks/bench_filter.py --results benchmarks/RESULTS_filter.md
+fi
 {
   echo "# Benchmark results"
   echo
