@@ -57,20 +57,15 @@ def _stage_details(stage: StageInput, examples: int) -> None:
         console.print(f"summary: {m['summary']}")
     table = stage.read()
     if m["stage"] == "filter" and table.num_rows:
-        reasons = table.column("drop_reason").fill_null("kept").value_counts().to_pylist()
-        t = Table(title="kept / dropped by reason", title_justify="left")
-        t.add_column("reason")
-        t.add_column("rows", justify="right")
-        for item in sorted(reasons, key=lambda r: -r["counts"]):
-            t.add_row(item["values"], f"{item['counts']:,}")
-        console.print(t)
+        from negalign.filter import print_summary, summarise
+
+        print_summary(summarise(table))
         sims = table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(float)
         kept = table.column("kept").to_numpy(zero_copy_only=False)
-        q = np.nanquantile(sims, [0, 0.25, 0.5, 0.75, 1]) if np.isfinite(sims).any() else []
-        console.print("similarity to target, quantiles 0/25/50/75/100%: " + ", ".join(f"{v:.3f}" for v in q))
+        lo = min(-0.2, float(np.nanmin(sims))) if np.isfinite(sims).any() else -0.2
         for label, mask in (("kept", kept), ("dropped", ~kept)):
             console.print(f"[bold]similarity histogram ({label}, {int(mask.sum())} rows)[/bold]")
-            for line in histogram(sims[mask], lo=-0.2 if len(q) and q[0] > -0.2 else None, hi=1.0):
+            for line in histogram(sims[mask], lo=lo, hi=1.0):
                 console.print("  " + line)
     if m["stage"] == "sample" and table.num_rows:
         reasons = pc.value_counts(table.column("finish_reason")).to_pylist()

@@ -196,9 +196,7 @@ class StageInput:
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         tables = [t for _, t in self.iter_shards(columns)]
-        if not tables:
-            return pq.read_schema(self.shard_files()[0]).empty_table() if self.shard_files() else pa.table({})
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables) if tables else pa.table({})
 
     @property
     def num_rows(self) -> int:
