@@ -10,7 +10,7 @@ from rich.table import Table
 
 from negalign.console import console
 from negalign.errors import UsageError
-from negalign.store import StageInput, open_stage, read_manifest
+from negalign.store import LEGACY_MANIFEST, MANIFEST, StageInput, manifest_file, open_stage, read_manifest
 
 
 def histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float | None = None,
@@ -34,17 +34,18 @@ def _overview(run: Path) -> None:
     for col in ("folder", "stage", "status", "shards", "rows", "fingerprint"):
         table.add_column(col)
     found = False
-    for sub in sorted(p for p in run.rglob("manifest.json")):
-        m = read_manifest(sub.parent)
+    folders = sorted({p.parent for name in (MANIFEST, LEGACY_MANIFEST) for p in run.rglob(name)})
+    for folder in folders:
+        m = read_manifest(folder)
         if m is None:
             continue
         found = True
         done = sum(1 for s in m["shards"].values() if s["status"] == "complete")
         rows = sum(s["rows"] for s in m["shards"].values())
-        table.add_row(str(sub.parent.relative_to(run)), m["stage"], m["status"], f"{done}/{m.get('num_shards')}",
+        table.add_row(str(folder.relative_to(run)), m["stage"], m["status"], f"{done}/{m.get('num_shards')}",
                       f"{rows:,}", m.get("fingerprint", "-"))
     if not found:
-        raise UsageError(f"{run}: no stage outputs here (no manifest.json)")
+        raise UsageError(f"{run}: no stage outputs here (no {MANIFEST})")
     console.print(table)
 
 
@@ -85,7 +86,7 @@ def show(path: Path, examples: int = 3) -> None:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: not found")
-    if (path / "manifest.json").exists():
+    if manifest_file(path) is not None:
         m = read_manifest(path)
         assert m is not None
         if m["status"] != "complete":

@@ -130,3 +130,71 @@ def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
 def render_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the rendered prompt, without a second BOS (the template already writes any BOS it wants)."""
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+# Files whose bytes define what a model computes, apart from the weights themselves.
+_CONFIG_FILES = ("config.json", "generation_config.json", "modules.json", "sentence_bert_config.json",
+                 "1_Pooling/config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "adapter_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def _weight_digest(f: Path, h: Any) -> None:
+    """Feed `h` a cheap identity of one weight file: its size, its safetensors header (names, dtypes, shapes,
+    offsets; or the first MiB for other formats) and 64 blocks of 64 KiB spread evenly over the tensor data, so
+    that two fine-tunes of one architecture (same header) differ too. Reads ~4 MiB per file, whatever its size."""
+    import struct
+
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size}\n".encode())
+    with open(f, "rb") as fh:
+        start = 0
+        if f.suffix == ".safetensors" and size >= 8:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            start = 8 + min(n, size - 8)
+            h.update(fh.read(start - 8))
+        else:
+            h.update(fh.read(1 << 20))
+        span = max(size - start - _SAMPLE_BYTES, 0)
+        for k in range(_SAMPLES):
+            fh.seek(start + span * k // max(_SAMPLES - 1, 1))
+            h.update(fh.read(_SAMPLE_BYTES))
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """Identity of a model by content, not by folder name (issue 8.6): sha256 over its config/tokenizer files and
+    its weight files' headers plus sampled tensor bytes (16 hex digits). A hub id not on disk is fingerprinted by its
+    name, prefixed `hub:`. Cheap: nothing is loaded."""
+    import hashlib
+
+    resolved = resolve_model(name_or_path)
+    folder = Path(resolved)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(resolved, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the local cache: the id is all we know
+            return hashlib.sha256(f"hub:{resolved}".encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for rel in _CONFIG_FILES:
+        f = folder / rel
+        if f.is_file():
+            h.update(f"{rel}\n".encode())
+            h.update(f.read_bytes())
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        _weight_digest(f, h)
+    return h.hexdigest()[:16]
+
+
+def chat_template_hash(tokenizer: Any) -> str:
+    """sha256 (16 hex digits) of the tokenizer's chat template(s); "none" when it has none."""
+    import hashlib
+    import json
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "none"
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -27,8 +27,10 @@ import pyarrow.parquet as pq
 
 from negalign import __version__
 from negalign.errors import BadInput, NegalignError, UsageError
+from negalign.faults import crash_point
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
+LEGACY_MANIFEST = "manifest.json"  # the older name, still read
 LOCK = ".manifest.lock"
 
 
@@ -79,6 +81,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        crash_point("manifest-tmp-written" if path.name == MANIFEST else "shard-tmp-written")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -203,9 +206,17 @@ class StageInput:
         return sum(s["rows"] for s in self.manifest["shards"].values())
 
 
+def manifest_file(path: Path) -> Path | None:
+    """The folder's manifest file (`_manifest.json`, or the older `manifest.json`), or None."""
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    f = Path(path) / MANIFEST
-    if not f.exists():
+    f = manifest_file(path)
+    if f is None:
         return None
     try:
         return json.loads(f.read_text())
@@ -340,12 +351,14 @@ class StageOutput:
         """Write shard `index` atomically, then record it in the manifest (also atomically, under the lock)."""
         name = shard_name(index)
         sha = write_parquet(self.path / name, table)
+        crash_point("shard-renamed")
         with self._locked():
             manifest = self.manifest()
             manifest["shards"][name] = {"rows": table.num_rows, "sha256": sha, "status": "complete",
                                         "meta": meta or {}, "written_at": _now()}
             manifest["updated_at"] = _now()
             atomic_write_json(self.path / MANIFEST, manifest)
+        crash_point("between-shards")
 
     def finish(self, num_shards: int, timings: dict[str, Any] | None = None,
                summary: dict[str, Any] | None = None) -> bool:
