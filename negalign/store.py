@@ -156,6 +156,7 @@ PROMPTS_SCHEMA = pa.schema([
     ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
     ("target", pa.string()),
     ("negatives", pa.list_(pa.string())),
+    ("task", pa.string()),  # optional family name for per-family eval; older prompts folders lack it
 ])
 
 
