@@ -360,9 +360,26 @@ assert tuple(_CONVERTERS) == FORMATS
 
 # ---------------------------------------------------------------------------------------------- public
 
+def _task(row: dict, task_field: str | None) -> str | None:
+    """The row's task family (for per-family eval): `task_field`, else a `task` column when present; may be null."""
+    col = task_field or ("task" if "task" in row else None)
+    if col is None:
+        return None
+    if col not in row:
+        raise _Bad("missing_column", col, f"no task column '{col}'")
+    value = row[col]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Bad("wrong_type", col, f"a task family must be a string, got {type(value).__name__}")
+    return str(value).strip() or None
+
+
 def convert_rows(rows: Iterable[dict], fmt: str, fields: FieldNames | None = None, *, source: str,
-                 on_bad_row: str = "fail") -> tuple[list[Record], dict[str, int]]:
+                 on_bad_row: str = "fail", task_field: str | None = None) -> tuple[list[Record], dict[str, int]]:
     """Convert rows (numbered from 0) of format `fmt`; returns (records, {reason: skipped rows}).
+
+    A record gets `task` when the row has one: column `task_field` (default: `task` when the row has it).
 
     on_bad_row="fail" raises BadInput(file=source, row=i, column=…) on the first bad row; "skip" skips and
     counts it. Fine but unusable rows (pku-saferlhf: no unsafe response) are always skipped and counted.
@@ -378,7 +395,10 @@ def convert_rows(rows: Iterable[dict], fmt: str, fields: FieldNames | None = Non
         try:
             if not isinstance(row, dict):
                 raise _Bad("wrong_type", None, f"a row must be an object, got {type(row).__name__}")
-            records.append(convert(row, fields))
+            record, task = convert(row, fields), _task(row, task_field)
+            if task is not None:
+                record["task"] = task
+            records.append(record)
         except _Skip as skip:
             skipped[skip.reason] += 1
         except _Bad as bad:

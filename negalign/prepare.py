@@ -105,7 +105,8 @@ def build_prompts(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, A
         elif fmt not in adapters.FORMATS:
             raise UsageError(f"unknown --format '{fmt}' (choose from auto, {', '.join(adapters.FORMATS)})")
         summary["format"] = fmt
-        records, bad = adapters.convert_rows(rows, fmt, fields, source=source, on_bad_row=cfg.on_bad_row)
+        records, bad = adapters.convert_rows(rows, fmt, fields, source=source, on_bad_row=cfg.on_bad_row,
+                                             task_field=getattr(cfg, "task_field", None))
         summary["input_rows"] += len(rows)
         for reason, n in bad.items():
             summary["bad_rows"][reason] = summary["bad_rows"].get(reason, 0) + n
@@ -123,9 +124,12 @@ def build_prompts(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, A
                     kept["negatives"] = merged
                 if kept["target"] is None and rec.get("target"):
                     kept["target"] = rec["target"]
+                if kept.get("task") is None and rec.get("task"):
+                    kept["task"] = rec["task"]
                 continue
             by_id[pid] = {"prompt_id": pid, "messages": messages, "target": rec.get("target"),
-                          "negatives": list(negatives) if negatives is not None else None}
+                          "negatives": list(negatives) if negatives is not None else None,
+                          "task": rec.get("task")}
     if not by_id:
         raise BadInput("no usable prompts in the input", file=str(cfg.input))
     return list(by_id.values()), summary
@@ -160,6 +164,8 @@ def run(cfg: PrepareConfig) -> None:
     stage_config = {k: getattr(cfg, k) for k in ("format", "prompt_field", "messages_field", "target_field",
                                                  "negatives_field", "system_prompt", "test_fraction", "on_bad_row",
                                                  "shard_size", "seed")}
+    if getattr(cfg, "task_field", None):  # only when set, so runs prepared before the option keep their fingerprint
+        stage_config["task_field"] = cfg.task_field
     train = [r for r in records if not is_test(r["prompt_id"], cfg.test_fraction, cfg.seed)]
     test = [r for r in records if is_test(r["prompt_id"], cfg.test_fraction, cfg.seed)]
     if not train:
