@@ -1,0 +1,177 @@
+"""Preference losses of the four papers (SPEC §1) as pure functions: no I/O, no model.
+
+Inputs are **summed** response log-probs (prompt masked, EOS included): `*_chosen` of shape (B,), `*_rejected` of
+shape (B, K) (a (B,) tensor counts as K = 1). `r(y) = logp(π, x, y) − logp(πref, x, y)`. Every function returns
+`(loss, metrics)`: `loss` a scalar tensor averaged over prompts (and over the K negatives inside a prompt), `metrics` a
+dict of floats computed from detached tensors: `rewards/chosen`, `rewards/rejected` (β·r, as TRL reports them),
+`rewards/margin`, `rewards/accuracy` and the objective's own term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Metrics = dict[str, float]
+
+
+def _as_bk(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(-1) if t.dim() == 1 else t
+
+
+def _metrics(beta: float, r_chosen: torch.Tensor, r_rejected: torch.Tensor, logits: torch.Tensor) -> Metrics:
+    """β-scaled rewards of (B,) chosen and (B, K) rejected; margin and accuracy from the loss's own logits."""
+    with torch.no_grad():
+        c, r = beta * r_chosen.detach().float(), beta * r_rejected.detach().float()
+        lg = logits.detach().float()
+        return {"rewards/chosen": c.mean().item(), "rewards/rejected": r.mean().item(),
+                "rewards/margin": (c.unsqueeze(-1) - r).mean().item(),
+                "rewards/accuracy": (lg > 0).float().mean().item()}
+
+
+def _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected):
+    r_c = policy_chosen - ref_chosen
+    r_r = _as_bk(policy_rejected) - _as_bk(ref_rejected)
+    return r_c, r_r, r_c.unsqueeze(-1) - r_r  # h: (B, K)
+
+
+def sc(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+       ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+    """Self-Contrast loss (Liu et al. 2024, https://arxiv.org/abs/2404.00604): DPO with one chosen and K negatives.
+
+    .. math::
+
+        L = \\mathrm{mean}_x \\frac{1}{K} \\sum_{i=1}^{K} -\\log \\sigma\\big(\\beta\\,(r(y^*) - r(y_i^-))\\big)
+
+    `y*` is counted once per group; the value and gradient equal the reference code's expansion into K DPO pairs
+    averaged together (each recomputing `y*`).
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    logits = beta * h
+    loss = -F.logsigmoid(logits).mean()
+    return loss, _metrics(beta, r_c, r_r, logits)
+
+
+def dpo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+    """DPO loss (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290), TRL's `sigmoid` loss.
+
+    .. math::
+
+        L = \\mathrm{mean}_x -\\log \\sigma\\big(\\beta\\,(r(y_w) - r(y_l))\\big)
+
+    `policy_rejected`/`ref_rejected` are (B,) or (B, 1). With K > 1 negatives use :func:`sc`.
+    """
+    if _as_bk(policy_rejected).shape[-1] != 1:
+        raise ValueError("dpo takes one rejected response per prompt; use sc for K > 1")
+    return sc(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta)
+
+
+def ipo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+        ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+    """IPO loss (Azar et al. 2023, https://arxiv.org/abs/2310.12036) on **summed** log-probs.
+
+    .. math::
+
+        L = \\mathrm{mean}_x \\frac{1}{K} \\sum_i \\big(h_i - \\tfrac{1}{2\\beta}\\big)^2,
+        \\quad h_i = r(y^+) - r(y_i^-)
+
+    TRL 1.16 divides each log-ratio by its response's token count first (per-token IPO); negalign follows SPEC §1.2 and
+    the Sr-IPO paper and uses sums, so the same β means a larger target margin here than in TRL.
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    loss = ((h - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, _metrics(beta, r_c, r_r, h - 1.0 / (2.0 * beta))
+
+
+def _quality_delta(policy_chosen_q, policy_rejected_q, ref_chosen_q, ref_rejected_q, beta) -> torch.Tensor:
+    """Δ = stopgrad(β·[r(y⁺|p⊕x) − r(y⁻|p⊕x)]), shape (B, K)."""
+    with torch.no_grad():
+        _, _, h_q = _pair_terms(policy_chosen_q.detach(), ref_chosen_q, policy_rejected_q.detach(), ref_rejected_q)
+        return beta * h_q
+
+
+def sr_dpo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+           ref_rejected: torch.Tensor, policy_chosen_q: torch.Tensor, policy_rejected_q: torch.Tensor,
+           ref_chosen_q: torch.Tensor, ref_rejected_q: torch.Tensor, beta: float = 0.1,
+           lam: float = 0.5) -> tuple[torch.Tensor, Metrics]:
+    """Sr-DPO loss (Yu et al. 2024, https://arxiv.org/abs/2405.21040), quality-aware self-refinement.
+
+    .. math::
+
+        h = r(y^+|x) - r(y^-|x), \\quad
+        \\Delta = \\mathrm{sg}\\big(\\beta\\,[r(y^+|p\\oplus x) - r(y^-|p\\oplus x)]\\big), \\quad
+        L = -\\log \\sigma(\\beta h - \\lambda \\Delta)
+
+    The `_q` tensors are the log-probs with the quality prompt `p` prepended; no gradient flows through Δ.
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    delta = _quality_delta(policy_chosen_q, policy_rejected_q, ref_chosen_q, ref_rejected_q, beta)
+    logits = beta * h - lam * delta
+    loss = -F.logsigmoid(logits).mean()
+    return loss, {**_metrics(beta, r_c, r_r, logits), "delta": delta.float().mean().item()}
+
+
+def sr_ipo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+           ref_rejected: torch.Tensor, policy_chosen_q: torch.Tensor, policy_rejected_q: torch.Tensor,
+           ref_chosen_q: torch.Tensor, ref_rejected_q: torch.Tensor, beta: float = 0.1,
+           lam: float = 0.5) -> tuple[torch.Tensor, Metrics]:
+    """Sr-IPO loss (Yu et al. 2024, https://arxiv.org/abs/2405.21040) on summed log-probs.
+
+    .. math::
+
+        L = \\big(h - \\lambda \\Delta - \\tfrac{1}{2\\beta}\\big)^2 \\quad (h, \\Delta \\text{ as in } sr\\_dpo)
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    delta = _quality_delta(policy_chosen_q, policy_rejected_q, ref_chosen_q, ref_rejected_q, beta)
+    inner = h - lam * delta - 1.0 / (2.0 * beta)
+    loss = (inner ** 2).mean()
+    return loss, {**_metrics(beta, r_c, r_r, inner), "delta": delta.float().mean().item()}
+
+
+def selm(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+         ref_rejected: torch.Tensor, policy_yref: torch.Tensor, ref_yref: torch.Tensor, beta: float = 0.01,
+         alpha: float = 0.001) -> tuple[torch.Tensor, Metrics]:
+    """SELM loss (Zhang et al. 2024, https://arxiv.org/abs/2405.19332), optimism-regularised DPO.
+
+    .. math::
+
+        L = \\mathrm{mean}_x \\Big[-\\log \\sigma\\big(\\beta(r(y_w) - r(y_l))\\big)
+            + \\alpha\\beta\\,\\big(\\log\\pi(y_{ref}|x) - \\log\\pi_{ref}(y_{ref}|x)\\big)\\Big]
+
+    `y_ref` is the reference model's greedy response; the gradient flows through `logp(π, x, y_ref)`.
+    With K > 1 negatives the DPO term is the mean over them.
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    logits = beta * h
+    optimism = policy_yref - ref_yref
+    loss = (-F.logsigmoid(logits).mean(-1) + alpha * beta * optimism).mean()
+    return loss, {**_metrics(beta, r_c, r_r, logits), "optimism": optimism.detach().float().mean().item()}
+
+
+def d2o(policy_anchors: torch.Tensor, ref_anchors: torch.Tensor, policy_negatives: torch.Tensor,
+        ref_negatives: torch.Tensor, beta: float = 0.1, alpha: float = 0.1) -> tuple[torch.Tensor, Metrics]:
+    """D2O loss (Duan et al. 2024, https://arxiv.org/abs/2403.03419), distributional dispreference optimisation.
+
+    .. math::
+
+        L = -\\log \\sigma\\Big(\\frac{\\beta}{K} \\sum_{i=1}^{K} r(y_i) - \\alpha\\, r(y_l)\\Big)
+
+    Anchors `y_i ~ πref` are (B, K) self-samples; negatives `y_l` are (B, M) given bad responses, and the loss is
+    averaged over the M negatives. Note β/K on the anchor term and α (not β) on the negative.
+    """
+    r_a = _as_bk(policy_anchors) - _as_bk(ref_anchors)
+    r_n = _as_bk(policy_negatives) - _as_bk(ref_negatives)
+    anchor = beta * r_a.mean(-1)  # (β/K)·Σ_i r(y_i)
+    logits = anchor.unsqueeze(-1) - alpha * r_n
+    loss = -F.logsigmoid(logits).mean()
+    with torch.no_grad():
+        metrics = {"rewards/chosen": anchor.detach().float().mean().item(),
+                   "rewards/rejected": (alpha * r_n.detach().float()).mean().item(),
+                   "rewards/margin": logits.detach().float().mean().item(),
+                   "rewards/accuracy": (logits.detach() > 0).float().mean().item(),
+                   "anchor": r_a.detach().float().mean().item()}
+    return loss, metrics
+
+
+LOSSES = {"dpo": dpo, "sc": sc, "ipo": ipo, "sr-dpo": sr_dpo, "sr-ipo": sr_ipo, "selm": selm, "d2o": d2o}
