@@ -1,12 +1,18 @@
-"""Stage configs: one dataclass per stage. Values come from defaults, then a YAML file, then command-line flags.
+"""Stage configs: one dataclass per stage, the single source of truth for every option.
 
-A YAML file may be flat (`temperature: 0.7`) or have one section per stage (`sample: {temperature: 0.7}`);
-top-level keys shared by all stages (`run`, `seed`) apply everywhere. Unknown keys are refused.
+Each field is declared with `opt(default, help, ...)`: its type, default, help text and allowed range live here, and
+`cli.py` builds the command-line flags from them, so no default is written twice. Values come from the defaults, then
+a YAML file, then command-line flags. A YAML file may be flat (`temperature: 0.7`) or have one section per stage
+(`sample: {temperature: 0.7}`); top-level keys apply to every stage that has them. Unknown sections and keys are
+refused with the nearest known name, and every value is converted and range-checked before any work starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,114 +21,192 @@ import yaml
 
 from negalign.errors import UsageError
 
-COMMON_KEYS = ("run", "seed", "overwrite", "debug", "trust_remote_code")
 
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False, short: str | None = None, cli: bool = True,
+        flag: str | None = None) -> Any:
+    """A config field: default, help, and the checks `validate` applies (choices, [min, max])."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "short": short, "cli": cli, "flag": flag}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------------------------- stage configs
 
 @dataclass
 class Common:
-    run: str = "runs/exp"
-    seed: int = 0
-    overwrite: bool = False
-    debug: bool = False
-    trust_remote_code: bool = False
-    shard_index: int = 0
-    num_shards: int = 1  # number of shard-parallel workers (SPEC §4)
+    run: str = opt("runs/exp", "Run directory holding one folder per stage output.")
+    seed: int = opt(0, "Global seed; per-row seeds derive from it.")
+    overwrite: bool = opt(False, "Redo the output even if it was made under another config (otherwise the stage "
+                                 "refuses). The old output stays until the new one is complete.")
+    debug: bool = opt(False, "Show the full traceback on errors.")
+    verbose: bool = opt(False, "Show the logs of the libraries underneath (vLLM, transformers).")
+    threads: int | None = opt(None, "CPU threads for torch/OpenMP in this process (HF generate, embed, train). "
+                                    "[default: chosen so that one process per core does not oversubscribe]",
+                              min=1)
 
 
 @dataclass
 class PrepareConfig(Common):
-    input: str | None = None
-    format: str = "auto"
-    prompt_field: str | None = None
-    messages_field: str | None = None
-    target_field: str | None = None
-    negatives_field: str | None = None
-    system_prompt: str | None = None
-    test_fraction: float = 0.0
-    on_bad_row: str = "fail"
-    shard_size: int = 10000
+    input: str | None = opt(None, "Parquet file, JSONL file, or a folder saved by `datasets` (save_to_disk) or "
+                                  "holding Parquet/JSONL files.", short="-i")
+    format: str = opt("auto", "Input format.", choices=("auto", "messages", "prompt", "hh-rlhf", "ultrachat",
+                                                        "nectar", "ultrafeedback", "pku-saferlhf", "trl"))
+    prompt_field: str | None = opt(None, "Column with a plain prompt string (default: prompt, instruction, question "
+                                         "or input).")
+    messages_field: str | None = opt(None, "Column with chat messages, a list of {role, content} (default: "
+                                           "messages).")
+    target_field: str | None = opt(None, "Column with the trusted response (default: target, response, output, "
+                                         "answer, completion).")
+    negatives_field: str | None = opt(None, "Column with given bad responses, a list of strings (D2O input).")
+    task_field: str | None = opt(None, "Column with the task family, used to break metrics down (default: task, "
+                                       "when present).")
+    system_prompt: str | None = opt(None, "System message prepended to every prompt.")
+    test_fraction: float = opt(0.0, "Fraction of prompts held out (deterministic, by prompt_id) into "
+                                    "prompts_test/.", min=0.0, max=1.0)
+    on_bad_row: str = opt("fail", "fail: stop at the first malformed row; skip: skip it and count the reason.",
+                          choices=("fail", "skip"))
+    shard_size: int = opt(10000, "Prompts per output shard.", min=1)
 
 
 @dataclass
 class SampleConfig(Common):
-    model: str = "smollm2-135m"
-    num_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
-    max_prompt_tokens: int = 1024
-    greedy: bool = False
-    engine: str = "auto"
-    shard_size: int = 64
-    batch_size: int = 16
-    prompts: str | None = None  # default: RUN/prompts
-    out: str | None = None  # default: RUN/samples (RUN/greedy with --greedy)
-    gpu_memory_utilization: float = 0.9  # vLLM on a GPU: share of GPU memory for weights + KV cache
-    cpu_kv_cache_gb: float = 2.0  # vLLM on the CPU: KV cache size (VLLM_CPU_KVCACHE_SPACE wins when set)
-    enforce_eager: bool = True
+    model: str = opt("smollm2-135m", "Policy to sample from: smollm2-135m, a local HF folder or a hub id.")
+    num_samples: int = opt(8, "Candidates per prompt (paper: 32). A larger n on a finished run tops up.",
+                           min=1, short="-n")
+    temperature: float = opt(1.0, "Sampling temperature.", min=0.0, min_exclusive=True)
+    top_p: float = opt(1.0, "Nucleus sampling p.", min=0.0, max=1.0, min_exclusive=True)
+    max_tokens: int = opt(64, "Max new tokens per answer.", min=1)
+    max_prompt_tokens: int = opt(1024, "Prompts longer than this (rendered) are skipped and counted.", min=1)
+    greedy: bool = opt(False, "One greedy answer per prompt into RUN/greedy (SELM's y_ref).")
+    engine: str = opt("auto", "auto (vLLM where it is installed and supports the platform, else HF), vllm, or hf.",
+                      choices=("auto", "vllm", "hf"))
+    shard_size: int = opt(64, "Prompts per output shard.", min=1)
+    batch_size: int = opt(16, "Prompts per HF generate batch (the HF engine only).", min=1)
+    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
+    out: str | None = opt(None, "Output folder. [default: RUN/samples, or RUN/greedy with --greedy]")
+    gpu_memory_utilization: float = opt(0.9, "vLLM on a GPU: share of GPU memory for weights and KV cache.",
+                                        min=0.0, max=1.0, min_exclusive=True)
+    cpu_kv_cache_gb: float = opt(2.0, "vLLM on the CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE wins when "
+                                      "set).", min=0.0, min_exclusive=True)
+    enforce_eager: bool = opt(True, "vLLM: no CUDA graphs / compilation (CPU: ~35 s start instead of ~166 s).")
+    trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
+    shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
+                           min=0)
+    num_shards: int = opt(1, "Number of shard-parallel workers; worker i does every n-th shard.", min=1)
 
 
 @dataclass
 class EmbedConfig(Common):
-    embedder: str = "minilm"
-    batch_size: int = 128
-    device: str = "auto"
-    samples: str | None = None  # default: RUN/samples (output shard i covers samples shard i)
-    prompts: str | None = None  # default: RUN/prompts
-    greedy_dir: str | None = None  # default: RUN/greedy, embedded when present
-    out: str | None = None  # default: RUN/embeddings
+    embedder: str = opt("minilm", "sentence-transformers model: minilm, or a local folder.")
+    batch_size: int = opt(128, "Texts per encode batch.", min=1)
+    device: str = opt("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
+    samples: str | None = opt(None, "Samples folder (output shard i covers samples shard i). "
+                                    "[default: RUN/samples]")
+    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
+    greedy_dir: str | None = opt(None, "Greedy samples folder, embedded when present. [default: RUN/greedy]")
+    out: str | None = opt(None, "Output folder. [default: RUN/embeddings]")
+    trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
+    shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
+                           min=0)
+    num_shards: int = opt(1, "Number of shard-parallel workers; worker i does every n-th shard.", min=1)
 
 
 @dataclass
 class FilterConfig(Common):
-    strategy: str = "self-contrast"
-    keep_fraction: float = 0.75
-    max_sim: float | None = None
-    drop_truncated: bool = False
-    near_dup_sim: float | None = None
-    max_neg_sim: float | None = None
-    embeddings: str | None = None  # default: RUN/embeddings
-    samples: str | None = None  # default: RUN/samples
-    out: str | None = None  # default: RUN/negatives
+    strategy: str = opt("self-contrast", "self-contrast (drop the most similar ~25%), random (dedup only), "
+                                         "threshold (keep sim < --max-sim).",
+                        choices=("self-contrast", "random", "threshold"))
+    keep_fraction: float = opt(0.75, "p in m = min(floor(N*p), n_unique-1).", min=0.0, max=1.0)
+    max_sim: float | None = opt(None, "Similarity ceiling for --strategy threshold.", min=-1.0, max=1.0)
+    drop_truncated: bool = opt(False, "Drop samples that hit the token limit.")
+    near_dup_sim: float | None = opt(None, "Drop a candidate whose cosine to an earlier kept one is at least this.",
+                                     min=-1.0, max=1.0)
+    max_neg_sim: float | None = opt(None, "D2O: drop a self-sample whose cosine to a given negative is at least "
+                                          "this.", min=-1.0, max=1.0)
+    embeddings: str | None = opt(None, "Embeddings folder. [default: RUN/embeddings]")
+    samples: str | None = opt(None, "Samples folder. [default: RUN/samples]")
+    out: str | None = opt(None, "Output folder. [default: RUN/negatives]")
 
 
 @dataclass
 class PairConfig(Common):
-    max_negatives: int = 16
-    export_trl: str | None = None
-    negatives: str | None = None  # the filter output; default: RUN/negatives
-    samples: str | None = None  # default: RUN/samples
-    prompts: str | None = None  # default: RUN/prompts
-    greedy_dir: str | None = None  # default: RUN/greedy, used for y_ref when present
-    out: str | None = None  # default: RUN/pairs
+    max_negatives: int = opt(16, "Kept negatives stored per prompt, in seeded random order (train --num-negatives "
+                                 "K takes the first K).", min=1)
+    export_trl: str | None = opt(None, "Also write TRL's conversational preference format (prompt/chosen/rejected, "
+                                       "one row per pair) to this Parquet file.")
+    negatives: str | None = opt(None, "Filter output folder. [default: RUN/negatives]")
+    samples: str | None = opt(None, "Samples folder. [default: RUN/samples]")
+    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
+    greedy_dir: str | None = opt(None, "Greedy samples folder, the source of y_ref when present. "
+                                       "[default: RUN/greedy]")
+    out: str | None = opt(None, "Output folder. [default: RUN/pairs]")
+    shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
+                           min=0)
+    num_shards: int = opt(1, "Number of shard-parallel workers; worker i does every n-th shard.", min=1)
+
+
+OBJECTIVES = ("sft", "dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm", "d2o")
 
 
 @dataclass
 class TrainConfig(Common):
-    objective: str = "sc"
-    model: str = "smollm2-135m"
-    name: str | None = None
-    num_negatives: int = 1
-    beta: float = 0.1
-    lam: float = 0.5
-    alpha: float = 0.1
-    learning_rate: float = 5e-5
-    epochs: int = 1
-    batch_size: int = 2
-    max_length: int = 256
-    lora: bool = True
+    objective: str = opt("sc", "Training objective (see the README's objectives table).", choices=OBJECTIVES)
+    model: str = opt("smollm2-135m", "Starting model (policy and reference): smollm2-135m or a local HF folder.")
+    name: str | None = opt(None, "Output name under RUN/models/. [default: the objective]")
+    num_negatives: int = opt(1, "K: the first K stored negatives of each group; groups with fewer are skipped.",
+                             min=1)
+    beta: float = opt(0.1, "beta of the DPO-family losses.", min=0.0, min_exclusive=True)
+    lam: float = opt(0.5, "lambda of Sr-DPO/Sr-IPO.", min=0.0)
+    alpha: float = opt(0.1, "alpha of SELM (optimism) or D2O (negative term).", min=0.0)
+    learning_rate: float = opt(1e-5, "Learning rate.", min=0.0, min_exclusive=True, flag="--lr")
+    epochs: int = opt(1, "Passes over the groups.", min=1)
+    batch_size: int = opt(2, "Groups per step.", min=1)
+    max_length: int = opt(256, "Max tokens of prompt + response; keeps the prompt's end and the response's start.",
+                          min=8)
+    lora: bool = opt(False, "Train a LoRA adapter (merged into the saved folder) instead of all weights.")
 
 
 @dataclass
 class EvalConfig(Common):
-    model: str = "smollm2-135m"
-    max_tokens: int = 64
+    model: str = opt("smollm2-135m", "A name under RUN/models/, a model folder, or smollm2-135m.")
+    max_tokens: int = opt(64, "Max new tokens per answer.", min=1)
 
 
-@dataclass
-class RunConfig(Common):
-    stages: list[str] = field(default_factory=list)
+# ----------------------------------------------------------------------------------------------- the registry
 
+@dataclass(frozen=True)
+class Stage:
+    """A command: its config class, the module whose `run(cfg)` does the work, and its one-line help."""
+
+    name: str
+    config: type
+    module: str
+    help: str
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("prepare", PrepareConfig, "prepare",
+          "Normalise a dataset into RUN/prompts: prompt_id, messages, target, negatives (one row per unique "
+          "prompt)."),
+    Stage("sample", SampleConfig, "sample",
+          "Generate candidates per prompt with vLLM (HF generate fallback) into RUN/samples."),
+    Stage("embed", EmbedConfig, "embed",
+          "Embed every unique sample, target and given negative (deduplicated by text hash) into RUN/embeddings."),
+    Stage("filter", FilterConfig, "filter",
+          "Score candidates against the target (FAISS) and keep the dissimilar ones as negatives, into "
+          "RUN/negatives."),
+    Stage("pair", PairConfig, "pair",
+          "Build one training group per prompt (chosen + K rejected, anchors, y_ref) into RUN/pairs."),
+    Stage("train", TrainConfig, "train",
+          "Train a model on RUN/pairs with a DPO-family objective into RUN/models/NAME."),
+    Stage("eval", EvalConfig, "evaluate", "Generate on held-out prompts and score them into RUN/eval/NAME."),
+]}
+
+
+# ----------------------------------------------------------------------------------------------- resolving
 
 def load_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
@@ -139,30 +223,123 @@ def load_yaml(path: str | Path | None) -> dict[str, Any]:
     return data
 
 
+def field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _suggest(name: str, known: set[str] | list[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_keys() -> set[str]:
+    return set().union(*(field_names(s.config) for s in STAGES.values()))
+
+
 def resolve(cls: type, section: str, yaml_data: dict[str, Any], flags: dict[str, Any], source: str = "config"):
-    """defaults <- YAML (top-level common keys, then the `section` block or flat keys) <- flags that were given."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """defaults <- YAML (top-level keys, then the `section` block) <- flags that were given; then `validate`.
+
+    A top-level mapping is a stage section and must name a known stage; a top-level scalar must be a key of some
+    stage (it applies to the stages that have it). Keys inside any section must belong to that stage.
+    """
+    names = field_names(cls)
     values: dict[str, Any] = {}
-    sectioned = isinstance(yaml_data.get(section), dict)
     for key, value in yaml_data.items():
-        key_ = key.replace("-", "_")
-        if isinstance(value, dict):
-            continue  # a section for another stage
+        key_ = str(key).replace("-", "_")
+        if key_ in STAGES and isinstance(value, dict):
+            known = field_names(STAGES[key_].config)
+            for sub in value:
+                sub_ = str(sub).replace("-", "_")
+                if sub_ not in known:
+                    raise UsageError(f"{source}: unknown key '{key}.{sub}'{_suggest(sub_, known)}")
+            continue
         if key_ in names:
             values[key_] = value
-        elif not sectioned and key_ not in COMMON_KEYS:
-            raise UsageError(f"{source}: unknown key '{key}' for '{section}' (known: {', '.join(sorted(names))})")
-    if sectioned:
-        for key, value in yaml_data[section].items():
-            key_ = key.replace("-", "_")
-            if key_ not in names:
-                raise UsageError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(names))})")
-            values[key_] = value
+        elif isinstance(value, dict) and key_ not in _all_keys():
+            raise UsageError(f"{source}: unknown section '{key}'{_suggest(key_, set(STAGES) | _all_keys())}")
+        elif key_ not in _all_keys():
+            raise UsageError(f"{source}: unknown key '{key}'{_suggest(key_, _all_keys() | set(STAGES))}")
+    if isinstance(yaml_data.get(section), dict):
+        values.update({str(k).replace("-", "_"): v for k, v in yaml_data[section].items()})
     values.update({k: v for k, v in flags.items() if v is not None and k in names})
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise UsageError(f"{source}: {e}") from e
+    return validate(cls(**{k: v for k, v in values.items() if k in names}), source)
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the type without `| None`, whether None is allowed)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return annotation, False
+
+
+def _convert(value: Any, kind: Any, where: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        inner = typing.get_args(kind)[0] if typing.get_args(kind) else Any
+        items = value if isinstance(value, list | tuple) else [value]
+        return [_convert(v, inner, where) for v in items]
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise UsageError(f"{where}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise UsageError(f"{where}: expected a whole number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"{where}: expected a whole number, got {value!r}") from None
+        if number != int(number):
+            raise UsageError(f"{where}: expected a whole number, got {value!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise UsageError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"{where}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, dict | list):
+            raise UsageError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def validate(cfg: Any, source: str = "config") -> Any:
+    """Convert every field to its declared type and check its choices and range; one-line UsageError otherwise."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        kind, nullable = _base_type(hints[f.name])
+        where = f"{source}: {f.name}"
+        if value is None:
+            if not nullable:
+                raise UsageError(f"{where}: a value is required")
+            continue
+        value = _convert(value, kind, where)
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UsageError(f"{where}: must be one of {', '.join(meta['choices'])}, got {value!r}"
+                             f"{_suggest(str(value), list(meta['choices']))}")
+        lo, hi = meta.get("min"), meta.get("max")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+                raise UsageError(f"{where}: must be {'>' if meta.get('min_exclusive') else '>='} {lo}, got {value}")
+            if hi is not None and value > hi:
+                raise UsageError(f"{where}: must be <= {hi}, got {value}")
+        setattr(cfg, f.name, value)
+    if hasattr(cfg, "shard_index") and hasattr(cfg, "num_shards") and not 0 <= cfg.shard_index < cfg.num_shards:
+        raise UsageError(f"{source}: --shard-index must be in [0, {cfg.num_shards}), got {cfg.shard_index}")
+    return cfg
 
 
 def run_path(cfg: Common, *parts: str) -> Path:
