@@ -524,3 +524,17 @@ def reference_self_contrast(c: Candidates, keep_fraction: float = 0.75, *,
         m = max(0, min(int(int(c.num_samples[g]) * keep_fraction), len(unique) - 1))
         code[order[m:]] = NEAR_TARGET
     return Selection(kept=code == KEPT, rank=rank, reason_code=code)
+
+
+# ------------------------------------------------------------------------------------------ take the first K
+def take_first_k(groups: Sequence[Sequence], k: int) -> tuple[list[int], int]:
+    """Indices of the groups that hold at least ``k`` items, and how many were skipped for holding fewer.
+
+    ``pair`` stores every kept negative in a seeded order, so the first ``k`` of a group are its K-subset (nested in
+    K); a group with fewer than ``k`` yields nothing, as in the reference rule (SPEC §1.1 step 3). Callers slice
+    ``group[:k]`` for the indices returned.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    keep = [i for i, g in enumerate(groups) if len(g) >= k]
+    return keep, len(groups) - len(keep)
