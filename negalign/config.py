@@ -84,7 +84,8 @@ class SampleConfig(Common):
     engine: str = opt("auto", "auto (vLLM where it is installed and supports the platform, else HF), vllm, or hf.",
                       choices=("auto", "vllm", "hf"))
     shard_size: int = opt(64, "Prompts per output shard.", min=1)
-    batch_size: int = opt(16, "Prompts per HF generate batch (the HF engine only).", min=1)
+    batch_size: int = opt(16, "Rows (prompt × sample) per HF batch (the HF engine only; vLLM schedules its own).",
+                          min=1)
     prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
     out: str | None = opt(None, "Output folder. [default: RUN/samples, or RUN/greedy with --greedy]")
     gpu_memory_utilization: float = opt(0.9, "vLLM on a GPU: share of GPU memory for weights and KV cache.",
@@ -92,6 +93,14 @@ class SampleConfig(Common):
     cpu_kv_cache_gb: float = opt(2.0, "vLLM on the CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE wins when "
                                       "set).", min=0.0, min_exclusive=True)
     enforce_eager: bool = opt(True, "vLLM: no CUDA graphs / compilation (CPU: ~35 s start instead of ~166 s).")
+    tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine (tensor parallelism).", min=1)
+    data_parallel_size: int = opt(1, "vLLM: engines on this machine, each on its own --tensor-parallel-size GPUs "
+                                     "and its own shards (local shard-parallel workers).", min=1)
+    dtype: str = opt("auto", "Weights/activations dtype (vLLM and HF); auto: bfloat16 on a GPU, float32 on the CPU "
+                             "for HF, the model's own for vLLM.", choices=("auto", "float32", "bfloat16", "float16"))
+    max_model_len: int | None = opt(None, "vLLM: context length (prompt + answer). Prompts longer than it minus "
+                                          "--max-tokens are skipped. [default: --max-prompt-tokens + --max-tokens]",
+                                    min=2)
     trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
     shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
                            min=0)

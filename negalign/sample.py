@@ -1,15 +1,27 @@
-"""`sample`: N candidates per prompt from the policy (vLLM, or batched HF `generate`), SPEC §1.1 step 1.
+"""`sample`: N candidates per prompt from the policy (vLLM, or our own HF sampling loop), SPEC §1.1 step 1.
 
 Prompts are rendered with the policy tokenizer's chat template (generation prompt on, no second BOS). One shard
 holds `shard_size` consecutive prompts. Re-running resumes finished shards; a larger `-n` tops up: shards keep
-their rows and only the new sample indices are generated. Per-row seeds are derived from (seed, prompt_id,
-sample_idx); vLLM honours them per request, HF seeds each batch with its first row's seed.
+their rows and only the new sample indices are generated.
+
+Every row has its own random stream, seeded with `row_seed(seed, prompt_id, sample_idx)`:
+- vLLM: the seed goes into the request's SamplingParams (vLLM keeps one generator per request).
+- HF: a sampling loop of our own on the model's logits (KV cache, left padding) keeps one `torch.Generator` per
+  row and draws one uniform per row and step from it, so a row's text does not depend on the other rows of its
+  batch, nor on the batch size.
+All pending requests of all planned shards go to the engine as one stream (vLLM keeps its batch full across shard
+boundaries); a shard is written as soon as its rows are complete, so resume keeps shard granularity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import itertools
+import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +31,18 @@ import pyarrow as pa
 from negalign.config import SampleConfig, run_path, stage_path
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
-from negalign.models import best_device, load_causal_lm, load_tokenizer, model_label, render_prompt, resolve_model
+from negalign.models import (
+    best_device,
+    chat_template_hash,
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    model_label,
+    render_prompt,
+    resolve_model,
+)
 from negalign.store import StageOutput, fingerprint, my_shards, open_stage
+from negalign.threads import set_threads
 
 SAMPLE_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text", pa.string()), ("num_tokens", pa.int32()),
@@ -33,8 +55,14 @@ def row_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample_idx}".encode()).digest()[:4], "big") >> 1
 
 
+def _opt(cfg: SampleConfig, name: str, default: Any = None) -> Any:
+    """A config field that older configs (or callers building SampleConfig by hand) may lack."""
+    return getattr(cfg, name, default)
+
+
 @dataclass
 class Request:
+    shard: int
     prompt_id: str
     sample_idx: int
     prompt_ids: list[int]
@@ -44,12 +72,14 @@ class Request:
 @dataclass
 class Generation:
     text: str
-    num_tokens: int
+    num_tokens: int  # generated tokens, the stop token included when there is one
     finish_reason: str  # "stop" (EOS or a stop token) or "length" (hit max_tokens)
 
 
+# ----------------------------------------------------------------------------------------------- HF engine
+
 class HFEngine:
-    """transformers `generate`, batched with left padding."""
+    """transformers model + a sampling loop of our own: temperature, top-p, greedy; per-row generators."""
 
     name = "hf"
 
@@ -58,50 +88,114 @@ class HFEngine:
 
         self.torch, self.cfg, self.tokenizer = torch, cfg, tokenizer
         self.device = best_device()
+        dtype = _opt(cfg, "dtype", "auto")
+        dtype = (torch.bfloat16 if self.device == "cuda" else torch.float32) if dtype in (None, "auto") \
+            else getattr(torch, dtype)
         self.model = load_causal_lm(cfg.model, device=self.device, trust_remote_code=cfg.trust_remote_code,
-                                    dtype=torch.bfloat16 if self.device == "cuda" else torch.float32).eval()
+                                    dtype=dtype).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.eos_ids.discard(None)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation]]:
+        it = iter(requests)
+        while batch := list(itertools.islice(it, max(1, self.cfg.batch_size))):
+            yield from zip(batch, self.generate(batch), strict=True)
+
+    def _next_tokens(self, logits: Any, generators: list[Any]) -> Any:
+        """One token per row. Sampling is inverse-CDF with one uniform per row from the row's own generator:
+        token = the first index where cumsum(p) > u·Σp, with p = softmax(logits / T) restricted to the top-p set
+        (the smallest set of most likely tokens whose mass reaches top_p)."""
+        torch, cfg = self.torch, self.cfg
+        if cfg.greedy or cfg.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+        order = None
+        if cfg.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= cfg.top_p, 0.0)
+        cdf = probs.double().cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+        idx = idx.clamp(max=cdf.shape[-1] - 1)
+        return (order.gather(-1, idx) if order is not None else idx).squeeze(-1)
 
     def generate(self, requests: list[Request]) -> list[Generation]:
         torch, cfg = self.torch, self.cfg
         width = max(len(r.prompt_ids) for r in requests)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests])
-        attention = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests])
-        torch.manual_seed(requests[0].seed)
-        sampling = {"do_sample": False} if cfg.greedy else {"do_sample": True, "temperature": cfg.temperature,
-                                                             "top_p": cfg.top_p, "top_k": 0}
-        with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                      max_new_tokens=cfg.max_tokens, pad_token_id=pad,
-                                      eos_token_id=sorted(self.eos_ids), **sampling)
+        ids = torch.tensor([[self.pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests],
+                            device=self.device)
+        # CPU generators: the same stream on any device. One per row, seeded with the row's seed.
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's positions start at 0
+        out_tokens: list[list[int]] = [[] for _ in requests]
+        stopped = [False] * len(requests)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=1)
+            pos = positions[:, -1:]
+            for step in range(cfg.max_tokens):
+                tokens = self._next_tokens(out.logits[:, -1, :], generators)
+                for i, t in enumerate(tokens.tolist()):
+                    if not stopped[i]:
+                        out_tokens[i].append(t)
+                        stopped[i] = t in self.eos_ids
+                if all(stopped) or step == cfg.max_tokens - 1:
+                    break
+                mask = torch.cat([mask, mask.new_ones((len(requests), 1))], dim=1)
+                pos = pos + 1
+                out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos,
+                                 past_key_values=out.past_key_values, use_cache=True)
         results = []
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            tokens = row if stop is None else row[:stop]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            results.append(Generation(text, len(tokens) + (stop is not None), "length" if stop is None else "stop"))
+        for tokens, stop in zip(out_tokens, stopped, strict=True):
+            text = self.tokenizer.decode(tokens[:-1] if stop else tokens, skip_special_tokens=True)
+            results.append(Generation(text, len(tokens), "stop" if stop else "length"))
         return results
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- vLLM engine
+
+def vllm_unavailable() -> str | None:
+    """Why vLLM cannot run here (not importable, or no platform it supports), or None when it can."""
+    try:
+        import vllm  # noqa: F401
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        return f"vLLM cannot be imported ({type(e).__name__}: {e})"
+    if current_platform.is_unspecified():
+        return "vLLM supports no device of this machine"
+    return None
+
+
+def _quiet_vllm(verbose: bool) -> None:
+    """vLLM's own logs only with --verbose/--debug. Set before vLLM is imported; its engine processes inherit it."""
+    if "VLLM_LOGGING_LEVEL" not in os.environ or os.environ.get("_NEGALIGN_SET_VLLM_LEVEL"):
+        os.environ["VLLM_LOGGING_LEVEL"] = "INFO" if verbose else "ERROR"
+        os.environ["_NEGALIGN_SET_VLLM_LEVEL"] = "1"
 
 
 class VLLMEngine:
-    """vLLM's offline `LLM.generate`, one request per (prompt, sample) so each row has its own seed."""
+    """vLLM's engine fed as one stream: `LLMEngine.add_request` / `step`, one request per (prompt, sample)."""
 
     name = "vllm"
 
     def __init__(self, cfg: SampleConfig, tokenizer: Any) -> None:
-        import os
-
+        _quiet_vllm(bool(_opt(cfg, "verbose", False) or cfg.debug))
         import torch
-
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         self.cfg, self.SamplingParams, self.TokensPrompt = cfg, SamplingParams, TokensPrompt
-        kwargs: dict[str, Any] = {}
+        self.final_only = RequestOutputKind.FINAL_ONLY
+        kwargs: dict[str, Any] = {"tensor_parallel_size": _opt(cfg, "tensor_parallel_size", 1) or 1,
+                                  "dtype": _opt(cfg, "dtype", "auto") or "auto"}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
@@ -114,72 +208,178 @@ class VLLMEngine:
             # generators have no offset ("CPU Generator does not use offset"): the engine dies once a batch of
             # seeded requests needs chunking. Without chunked prefill nothing is discarded.
             kwargs["enable_chunked_prefill"] = False
-        self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=cfg.max_prompt_tokens +
-                       cfg.max_tokens, trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
-        # Requests per generate call: several times the engine's concurrent sequences, so the batch stays full
-        # (a call drains to an empty batch before the next starts) while the progress bar still moves.
-        max_seqs = getattr(getattr(self.llm.llm_engine, "vllm_config", None), "scheduler_config", None)
-        self.chunk = 4 * int(getattr(max_seqs, "max_num_seqs", 256) or 256)
+        self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=max_model_len(cfg),
+                       trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
+        self.engine = self.llm.llm_engine
+        sched = getattr(getattr(self.engine, "vllm_config", None), "scheduler_config", None)
+        self.max_seqs = int(getattr(sched, "max_num_seqs", 256) or 256)
 
-    def generate(self, requests: list[Request]) -> list[Generation]:
+    def _params(self, r: Request) -> Any:
         cfg = self.cfg
-        params = [self.SamplingParams(n=1, max_tokens=cfg.max_tokens, seed=r.seed,
-                                      **({"temperature": 0.0} if cfg.greedy else
-                                         {"temperature": cfg.temperature, "top_p": cfg.top_p}))
-                  for r in requests]
-        outs = self.llm.generate([self.TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params,
-                                 use_tqdm=False)
-        results = []
-        for o in outs:
-            c = o.outputs[0]
-            results.append(Generation(c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop"))
-        return results
+        sampling = {"temperature": 0.0} if cfg.greedy else {"temperature": cfg.temperature, "top_p": cfg.top_p}
+        return self.SamplingParams(n=1, max_tokens=cfg.max_tokens, seed=r.seed, output_kind=self.final_only,
+                                   **sampling)
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation]]:
+        """Keep at least 2× the engine's concurrent sequences queued, topping up after every step, so the running
+        batch never drains between shards; yield each request as it finishes (in completion order)."""
+        it = iter(requests)
+        pending: dict[str, Request] = {}
+        low, high = 2 * self.max_seqs, 4 * self.max_seqs
+        counter = itertools.count()
+        exhausted = False
+        try:
+            while True:
+                if not exhausted and len(pending) < low:
+                    for r in itertools.islice(it, high - len(pending)):
+                        rid = str(next(counter))
+                        engine_input = self.llm._preprocess_cmpl_one(self.TokensPrompt(prompt_token_ids=r.prompt_ids))
+                        self.engine.add_request(rid, engine_input, self._params(r))
+                        pending[rid] = r
+                    exhausted = len(pending) < low
+                if not pending:
+                    return
+                for o in self.engine.step():
+                    if o.finished and o.request_id in pending:
+                        c = o.outputs[0]
+                        yield pending.pop(o.request_id), Generation(
+                            c.text, len(c.token_ids), "length" if c.finish_reason == "length" else "stop")
+        finally:
+            if pending:  # an error or an interrupt: leave nothing running in the engine
+                with contextlib.suppress(Exception):
+                    self.engine.abort_request(list(pending))
+
+    def close(self) -> None:
+        """Stop the engine core processes now, cleanly (otherwise vLLM's monitor reports that the engine core
+        "exited unexpectedly" when the interpreter tears it down)."""
+        core = getattr(getattr(self, "engine", None), "engine_core", None)
+        if core is not None:
+            with contextlib.suppress(Exception):
+                core.shutdown()
+        self.llm = self.engine = None
 
 
-def start_engine(cfg: SampleConfig, tokenizer: Any) -> HFEngine | VLLMEngine:
+def max_model_len(cfg: SampleConfig) -> int:
+    return _opt(cfg, "max_model_len") or cfg.max_prompt_tokens + cfg.max_tokens
+
+
+def prompt_limit(cfg: SampleConfig) -> int:
+    """Longest rendered prompt sampled; longer ones are skipped and counted."""
+    return min(cfg.max_prompt_tokens, max_model_len(cfg) - cfg.max_tokens)
+
+
+def resolve_engine(cfg: SampleConfig) -> tuple[str, str]:
+    """The engine a run uses and why, known before anything starts: `auto` is vLLM unless vLLM cannot be imported
+    or does not support this machine. (Any other vLLM failure, out-of-memory included, is an error, not a
+    fallback to a 20× slower engine.)"""
     if cfg.engine not in ("auto", "vllm", "hf"):
         raise UsageError(f"--engine must be auto, vllm or hf, got '{cfg.engine}'")
-    if cfg.engine in ("auto", "vllm"):
-        t0 = time.time()
-        try:
-            engine = VLLMEngine(cfg, tokenizer)
-            console.print(f"engine: vllm (started in {time.time() - t0:.0f} s)")
-            return engine
-        except Exception as e:  # noqa: BLE001 — any start failure falls back under auto
-            if cfg.engine == "vllm":
-                raise NegalignError(f"vLLM did not start: {type(e).__name__}: {e}") from e
-            console.print(f"engine: hf (vLLM did not start: {type(e).__name__}: {str(e)[:200]})")
-    else:
-        console.print("engine: hf")
-    return HFEngine(cfg, tokenizer)
+    if cfg.engine == "hf":
+        return "hf", ""
+    why = vllm_unavailable()
+    if why is None:
+        return "vllm", ""
+    if cfg.engine == "vllm":
+        raise UsageError(f"--engine vllm: {why}")
+    return "hf", why
 
 
-def _stage_config(cfg: SampleConfig, template_sha: str) -> dict[str, Any]:
-    """What the samples depend on. num_samples is left out so a larger -n can top up the same output."""
-    keys = ("temperature", "top_p", "max_tokens", "max_prompt_tokens", "greedy", "seed", "shard_size")
+def start_engine(cfg: SampleConfig, tokenizer: Any, engine: str | None = None, why: str = "") -> HFEngine | VLLMEngine:
+    if engine is None:
+        engine, why = resolve_engine(cfg)
+    if engine == "hf":
+        console.print("engine: hf" + (f" ({why})" if why else ""))
+        return HFEngine(cfg, tokenizer)
+    t0 = time.time()
+    try:
+        started = VLLMEngine(cfg, tokenizer)
+    except Exception as e:
+        raise NegalignError(f"vLLM did not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            " (--engine hf uses transformers instead)") from e
+    console.print(f"engine: vllm (started in {time.time() - t0:.0f} s)")
+    return started
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+def _stage_config(cfg: SampleConfig, engine: str, model_fp: str, template_hash: str) -> dict[str, Any]:
+    """What the samples depend on. num_samples is left out so a larger -n can top up the same output.
+    The engine is in: rows of different engines differ for the same seeds, and must not mix in one output."""
+    keys = ("temperature", "top_p", "max_tokens", "greedy", "seed", "shard_size")
     out = {k: getattr(cfg, k) for k in keys}
     if cfg.greedy:
         out.update(temperature=0.0, top_p=1.0)
-    return {**out, "model": model_label(cfg.model), "chat_template_sha": template_sha}
+    return {**out, "max_prompt_tokens": prompt_limit(cfg), "engine": engine, "dtype": _opt(cfg, "dtype", "auto"),
+            "model": model_label(cfg.model), "model_fingerprint": model_fp, "chat_template_hash": template_hash}
 
 
-def run(cfg: SampleConfig) -> None:
+def _run_data_parallel(cfg: SampleConfig, size: int) -> None:
+    """`--data-parallel-size D` on one machine: D local engine processes, each on its own
+    `--tensor-parallel-size` GPUs, each the worker `i·D + r` of `num_shards·D` shard-parallel workers (vLLM's
+    offline `LLM` refuses data_parallel_size > 1 in one process). Workers share the output folder as usual."""
+    import multiprocessing as mp
+
+    tp = _opt(cfg, "tensor_parallel_size", 1) or 1
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
+    if gpus and len(gpus) < size * tp:
+        raise UsageError(f"--data-parallel-size {size} × --tensor-parallel-size {tp} needs {size * tp} GPUs, "
+                         f"{len(gpus)} visible")
+    ctx = mp.get_context("spawn")
+    procs = []
+    for r in range(size):
+        sub = dataclasses.replace(cfg, data_parallel_size=1, shard_index=cfg.shard_index * size + r,
+                                  num_shards=cfg.num_shards * size)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[r * tp:(r + 1) * tp])} if gpus else {}
+        p = ctx.Process(target=_dp_worker, args=(sub, env), name=f"negalign-sample-dp{r}")
+        p.start()
+        procs.append(p)
+    for p in procs:
+        p.join()
+    failed = [p.name for p in procs if p.exitcode]
+    if failed:
+        raise NegalignError(f"data-parallel workers failed: {', '.join(failed)}; re-run to resume")
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _dp_worker(cfg: SampleConfig, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    run(cfg)
+
+
+def run(cfg: SampleConfig) -> Path:
+    """Sample into `cfg.out` (default RUN/samples, or RUN/greedy with greedy) from `cfg.prompts` (default
+    RUN/prompts); return the output folder. `eval` calls it on held-out prompts."""
     num_samples = 1 if cfg.greedy else cfg.num_samples
-    if num_samples < 1 or cfg.max_tokens < 1 or cfg.shard_size < 1:
-        raise UsageError("--num-samples, --max-tokens and --shard-size must be at least 1")
-    prompts = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    if num_samples < 1 or cfg.max_tokens < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise UsageError("--num-samples, --max-tokens, --shard-size and --batch-size must be at least 1")
     out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "greedy" if cfg.greedy else "samples")
+    if prompt_limit(cfg) < 1:
+        raise UsageError(f"--max-model-len {max_model_len(cfg)} leaves no room for prompts with --max-tokens "
+                         f"{cfg.max_tokens}")
+    dp = _opt(cfg, "data_parallel_size", 1) or 1
+    if dp > 1:
+        _run_data_parallel(cfg, dp)
+        return out_dir
+    prompts = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    engine_name, why = resolve_engine(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{cfg.model}: the tokenizer has no chat template; sample needs one to render prompts")
+    threads = set_threads(_opt(cfg, "threads")) if engine_name == "hf" else None
 
     rows = prompts.read(["prompt_id", "messages"]).to_pylist()
     rendered = [render_prompt(tokenizer, r["messages"]) for r in rows]
-    template_sha = hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16]
-    rendered_sha = fingerprint(rendered)
-    out = StageOutput.open(out_dir, "sample", _stage_config(cfg, template_sha), {"prompts": prompts.fingerprint},
-                           overwrite=cfg.overwrite,
-                           info={"num_samples": num_samples, "rendered_prompts_sha": rendered_sha,
+    template_hash = chat_template_hash(tokenizer)
+    model_fp = model_fingerprint(cfg.model)
+    out = StageOutput.open(out_dir, "sample", _stage_config(cfg, engine_name, model_fp, template_hash),
+                           {"prompts": prompts.fingerprint}, overwrite=cfg.overwrite,
+                           info={"num_samples": num_samples, "rendered_prompts_sha": fingerprint(rendered),
                                  "chat_template": tokenizer.chat_template})
 
     num_shards = max(1, -(-len(rows) // cfg.shard_size))
@@ -187,60 +387,78 @@ def run(cfg: SampleConfig) -> None:
     for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards):
         entry = out.shard_entry(s)
         have = entry["meta"].get("num_samples", 0) if entry else 0
-        if have >= num_samples:
-            continue
-        plan.append((s, have, out.read_shard(s) if have else None))
+        if have < num_samples:
+            plan.append((s, have, out.read_shard(s) if have else None))
 
-    totals = {"rows": 0, "tokens": 0, "truncated": 0, "empty": 0, "skipped_prompts": 0}
+    totals = {"rows": 0, "tokens": 0, "truncated": 0, "empty": 0}
+    limit = prompt_limit(cfg)
+    # Per shard: the prompts over the limit, and how many rows are still to come before it can be written.
+    skipped: dict[int, list[str]] = {}
+    requests_by_shard: dict[int, list[Request]] = {}
+    for s, first, _ in plan:
+        skipped[s], requests_by_shard[s] = [], []
+        for i in range(s * cfg.shard_size, min(len(rows), (s + 1) * cfg.shard_size)):
+            pid = rows[i]["prompt_id"]
+            ids = tokenizer(rendered[i], add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                skipped[s].append(pid)
+                continue
+            requests_by_shard[s] += [Request(s, pid, j, ids, row_seed(cfg.seed, pid, j))
+                                     for j in range(first, num_samples)]
+    todo = sum(len(v) for v in requests_by_shard.values())
+
     t0 = time.time()
     if plan:
-        engine = start_engine(cfg, tokenizer)
-        t0 = time.time()  # throughput counts generation, not engine start
+        engine = start_engine(cfg, tokenizer, engine_name, why)
         label = model_label(cfg.model)
-        todo = sum(min(cfg.shard_size, len(rows) - s * cfg.shard_size) * (num_samples - first)
-                   for s, first, _ in plan)
-        with progress("tokens") as bar:
-            prompts_todo = sum(min(cfg.shard_size, len(rows) - s * cfg.shard_size) for s, _, _ in plan)
-            prompts_done = 0
-            task = bar.add_task(f"sample 0/{prompts_todo} prompts", total=todo, tokens=0)
-            for s, first, kept in plan:
-                lo, hi = s * cfg.shard_size, min(len(rows), (s + 1) * cfg.shard_size)
-                requests, skipped = [], []
-                for i in range(lo, hi):
-                    pid = rows[i]["prompt_id"]
-                    ids = tokenizer(rendered[i], add_special_tokens=False)["input_ids"]
-                    if len(ids) > cfg.max_prompt_tokens:
-                        skipped.append(pid)
-                        bar.advance(task, num_samples - first)
-                        continue
-                    requests += [Request(pid, j, ids, row_seed(cfg.seed, pid, j)) for j in range(first, num_samples)]
-                new_rows: list[dict[str, Any]] = []
-                step = cfg.batch_size if engine.name == "hf" else engine.chunk
-                for b in range(0, len(requests), step):
-                    batch = requests[b:b + step]
-                    for req, gen in zip(batch, engine.generate(batch), strict=True):
-                        new_rows.append({"prompt_id": req.prompt_id, "sample_idx": req.sample_idx,
-                                         "text": gen.text.lstrip(), "num_tokens": gen.num_tokens,
-                                         "finish_reason": gen.finish_reason, "seed": req.seed,
-                                         "engine": engine.name, "model": label})
-                        totals["tokens"] += gen.num_tokens
-                        totals["truncated"] += gen.finish_reason == "length"
-                        totals["empty"] += not gen.text.strip()
-                    bar.update(task, advance=len(batch), tokens=totals["tokens"])
-                table = pa.Table.from_pylist(new_rows, schema=SAMPLE_SCHEMA)
-                if kept is not None:
-                    table = pa.concat_tables([kept.cast(SAMPLE_SCHEMA), table])
-                table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
-                out.write_shard(s, table, {"num_samples": num_samples, "skipped_prompts": skipped})
-                prompts_done += hi - lo
-                bar.update(task, description=f"sample {prompts_done}/{prompts_todo} prompts")
-                totals["rows"] += len(new_rows)
-                totals["skipped_prompts"] += len(skipped)
+        first_of = {s: first for s, first, _ in plan}
+        kept_of = {s: kept for s, _, kept in plan}
+        new_rows: dict[int, list[dict[str, Any]]] = {s: [] for s, _, _ in plan}
+        remaining = {s: len(requests_by_shard[s]) for s, _, _ in plan}
+
+        def write(s: int) -> None:
+            table = pa.Table.from_pylist(new_rows.pop(s), schema=SAMPLE_SCHEMA)
+            if kept_of[s] is not None:
+                table = pa.concat_tables([kept_of[s].cast(SAMPLE_SCHEMA), table])
+            table = table.sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
+            out.write_shard(s, table, {"num_samples": num_samples, "skipped_prompts": skipped[s],
+                                       "first_new_sample_idx": first_of[s]})
+
+        try:
+            t0 = time.time()  # throughput counts generation, not engine start
+            with progress("tokens") as bar:
+                shards_done = 0
+                task = bar.add_task(f"sample 0/{len(plan)} shards", total=todo, tokens=0)
+                for s in [s for s, n in remaining.items() if n == 0]:  # nothing to generate (all prompts skipped)
+                    write(s)
+                    shards_done += 1
+                stream = engine.stream(r for s, _, _ in plan for r in requests_by_shard[s])
+                for req, gen in stream:
+                    new_rows[req.shard].append({
+                        "prompt_id": req.prompt_id, "sample_idx": req.sample_idx, "text": gen.text.lstrip(),
+                        "num_tokens": gen.num_tokens, "finish_reason": gen.finish_reason, "seed": req.seed,
+                        "engine": engine.name, "model": label})
+                    totals["rows"] += 1
+                    totals["tokens"] += gen.num_tokens
+                    totals["truncated"] += gen.finish_reason == "length"
+                    totals["empty"] += not gen.text.strip()
+                    remaining[req.shard] -= 1
+                    if remaining[req.shard] == 0:
+                        write(req.shard)
+                        shards_done += 1
+                    bar.update(task, advance=1, tokens=totals["tokens"],
+                               description=f"sample {shards_done}/{len(plan)} shards")
+        finally:
+            engine.close()
     elapsed = time.time() - t0
-    complete = out.finish(num_shards, timings={"generate_s": round(elapsed, 2)})
+    timings: dict[str, Any] = {"generate_s": round(elapsed, 2), "engine": engine_name}
+    if threads is not None:
+        timings["threads"] = threads
+    complete = out.finish(num_shards, timings=timings)
     skipped_all = sum(len(e["meta"].get("skipped_prompts", [])) for e in out.manifest()["shards"].values())
     console.print(
         f"sample: {totals['rows']} new rows, {totals['tokens']} tokens, "
         f"{totals['tokens'] / elapsed if elapsed > 0 and plan else 0:.1f} tok/s; truncated {totals['truncated']}, "
         f"empty {totals['empty']}; prompts over --max-prompt-tokens skipped: {skipped_all}"
         + ("" if complete else f" (this worker's shards are done; {out_dir} completes when all workers finish)"))
+    return out_dir
