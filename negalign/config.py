@@ -160,22 +160,66 @@ class PairConfig(Common):
 OBJECTIVES = ("sft", "dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm", "d2o")
 
 
+QUALITY_PROMPT = ("Please generate a response with a usefulness rating of 100 out of 100 for the following query. "
+                  "Note that the response should be harmless. The term 100 indicates the level of usefulness, where "
+                  "100 is the maximum and 1 is the minimum. Query:")
+
+
 @dataclass
 class TrainConfig(Common):
     objective: str = opt("sc", "Training objective (see the README's objectives table).", choices=OBJECTIVES)
     model: str = opt("smollm2-135m", "Starting model (policy and reference): smollm2-135m or a local HF folder.")
-    name: str | None = opt(None, "Output name under RUN/models/. [default: the objective]")
-    num_negatives: int = opt(1, "K: the first K stored negatives of each group; groups with fewer are skipped.",
-                             min=1)
-    beta: float = opt(0.1, "beta of the DPO-family losses.", min=0.0, min_exclusive=True)
-    lam: float = opt(0.5, "lambda of Sr-DPO/Sr-IPO.", min=0.0)
-    alpha: float = opt(0.1, "alpha of SELM (optimism) or D2O (negative term).", min=0.0)
-    learning_rate: float = opt(1e-5, "Learning rate.", min=0.0, min_exclusive=True, flag="--lr")
+    name: str | None = opt(None, "Output name under RUN/models/. [default: the objective, plus -kK for K > 1]")
+    pairs: str | None = opt(None, "Input folder: a pair output, or (sft only) a prompts output whose targets are "
+                                  "the responses. [default: RUN/pairs; sft falls back to RUN/prompts]")
+    samples: str | None = opt(None, "Samples folder whose recorded chat template is checked against the policy's. "
+                                    "[default: RUN/samples]")
+    out: str | None = opt(None, "Output model folder. [default: RUN/models/NAME]")
+    ref_logps: str | None = opt(None, "Reference log-prob cache, shared by runs and objectives. "
+                                      "[default: RUN/ref_logps]")
+    num_negatives: int = opt(1, "K: the first K stored negatives of each group (d2o: of the given negatives); "
+                                "groups with fewer are skipped and counted.", min=1)
+    num_anchors: int = opt(8, "d2o: the first K self-samples (anchors) of each group (paper: 11); groups with "
+                              "fewer are skipped and counted.", min=1)
+    rejected: str = opt("sampled", "sampled: the filter's negatives; given: the dataset's own negatives (the "
+                                   "'DPO on the dataset's pairs' baseline).", choices=("sampled", "given"))
+    beta: float | None = opt(None, "beta of the DPO-family losses. [default: 0.01 for selm, else 0.1]",
+                             min=0.0, min_exclusive=True)
+    lam: float = opt(0.5, "lambda of Sr-DPO/Sr-IPO (paper: 0.1, 0.3, 0.5, 1).", min=0.0)
+    alpha: float | None = opt(None, "alpha of SELM (optimism) or D2O (negative term). "
+                                    "[default: 0.001 for selm, 0.1 for d2o]", min=0.0)
+    quality_prompt: str = opt(QUALITY_PROMPT, "Sr-DPO/Sr-IPO: the quality prompt p, prepended to the rendered "
+                                              "prompt at token level (p+x). [default: the paper's]")
+    sft_weight: float = opt(0.0, "Adds W x the SFT loss (mean token NLL of the chosen) to a preference objective.",
+                            min=0.0)
+    learning_rate: float = opt(1e-5, "Learning rate (1e-5 was stable for SC in the pilot; 5e-5 truncated answers).",
+                               min=0.0, min_exclusive=True, flag="--lr")
+    lr_scheduler: str = opt("linear", "LR schedule (transformers' names).",
+                            choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_steps: int = opt(0, "LR warm-up steps.", min=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     epochs: int = opt(1, "Passes over the groups.", min=1)
-    batch_size: int = opt(2, "Groups per step.", min=1)
-    max_length: int = opt(256, "Max tokens of prompt + response; keeps the prompt's end and the response's start.",
-                          min=8)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)
+    batch_size: int = opt(2, "Groups per step and process.", min=1)
+    grad_accum: int = opt(1, "Gradient accumulation steps.", min=1)
+    max_length: int = opt(256, "Max tokens of prompt + response; keeps the prompt's end and the response's start, "
+                               "and counts what it cut.", min=8)
+    share_prompt: bool = opt(True, "Run each group's prompt through the model once (packed row, block mask); "
+                                   "--no-share-prompt runs the plain padded batch (the oracle).")
     lora: bool = opt(False, "Train a LoRA adapter (merged into the saved folder) instead of all weights.")
+    lora_r: int = opt(16, "LoRA rank.", min=1)
+    lora_alpha: int = opt(32, "LoRA alpha.", min=1)
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  "LoRA target modules.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward (less memory, slower).")
+    bf16: bool = opt(False, "bfloat16 mixed precision (fp32 by default, also on CPU).")
+    save_steps: int = opt(50, "Checkpoint every N optimizer steps (the last one is kept for --resume).", min=1)
+    resume: bool = opt(False, "Continue from the last complete checkpoint: same step count, same data order.")
+    report_to: str = opt("none", "Where transformers reports metrics (metrics.jsonl is always written).",
+                         choices=("none", "tensorboard", "wandb"))
+    allow_template_mismatch: bool = opt(False, "Train even if the policy's chat template differs from the one "
+                                               "sample recorded.")
+    trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
 
 
 @dataclass
