@@ -134,6 +134,9 @@ def run_pipeline(
     from_step: Annotated[str | None, typer.Option("--from", help="Start at this step (earlier ones must be "
                                                   "done).")] = None,
     only: Annotated[str | None, typer.Option("--only", help="Run only this step.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE: a variable of the file's "
+                                                   "vars, run, seed, STAGE.option or STEP.option (repeatable).")
+                    ] = None,
     debug: Debug = False,
 ) -> None:
     """Run a whole experiment from one YAML file, skipping finished steps; ends with the report table."""
@@ -144,7 +147,7 @@ def run_pipeline(
             if e.name != "negalign.pipeline":
                 raise
             raise UsageError("'run' is not implemented yet: see the README") from e
-        return mod.run_file(pipeline, dry_run=dry_run, from_step=from_step, only=only)
+        return mod.run_file(pipeline, dry_run=dry_run, from_step=from_step, only=only, overrides=set_)
 
     guarded(debug, work)
 
