@@ -1,0 +1,539 @@
+"""`train`: every objective of SPEC §1 on prompt groups, with transformers' `Trainer` underneath.
+
+One training item is one **group**: a prompt and the responses its objective needs, in a fixed layout
+(`sft`: [chosen]; `dpo`/`ipo`/`sc`/`sr-*`: [chosen, rejected₁..K]; `selm`: [chosen, rejected₁..K, y_ref];
+`d2o`: [anchor₁..K, negative₁..M]). `GroupCollator` lays a batch of groups out as one prompt-shared packed row
+(`packing.pack`; `--no-share-prompt`: the padded oracle), `GroupTrainer.compute_loss` turns summed log-probs into
+the objective's loss (`losses.py`). Reference log-probs come from the `ref_logps` cache, computed before training
+with the starting model, so no reference model is held while training (with `--lora` the starting model *is* the
+base with the adapter disabled). Checkpoints, LR schedule, `accelerate launch` and `report_to` are the Trainer's.
+
+Output `RUN/models/NAME/`: an HF model folder (safetensors, tokenizer with chat template; LoRA merged), the
+`_manifest.json` (stage "train", the resolved config, model fingerprint, summary), `metrics.jsonl`, and while
+running `checkpoints/` (removed once the run is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from negalign import losses
+from negalign.config import TrainConfig, run_path, stage_path
+from negalign.console import console, progress
+from negalign.errors import BadInput, NegalignError, UsageError
+from negalign.faults import crash_point
+from negalign.packing import num_model_tokens, pack, pad, sequence_logps
+from negalign.selection import take_first_k
+from negalign.store import StageOutput, open_stage, read_manifest
+
+PREFERENCE = ("dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm")
+PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+def resolved_hparams(cfg: TrainConfig) -> dict[str, Any]:
+    """beta/alpha with the objective's paper defaults filled in."""
+    d = PAPER_DEFAULTS.get(cfg.objective, {})
+    return {"beta": cfg.beta if cfg.beta is not None else d.get("beta", 0.1),
+            "alpha": cfg.alpha if cfg.alpha is not None else d.get("alpha", 0.1)}
+
+
+def default_name(cfg: TrainConfig) -> str:
+    if cfg.name:
+        return cfg.name
+    k = cfg.num_anchors if cfg.objective == "d2o" else cfg.num_negatives
+    return cfg.objective + (f"-k{k}" if cfg.objective != "sft" and k > 1 else "")
+
+
+# ----------------------------------------------------------------------------------------------- groups
+
+@dataclass
+class Item:
+    """One tokenized group: the prompt, its responses in the objective's layout, and their reference log-probs."""
+
+    prompt_id: str
+    prompt: list[int]
+    responses: list[list[int]]
+    texts: list[str]
+    prompt_q: list[int] | None = None  # Sr-*: quality prompt p ⊕ x
+    ref: list[float] | None = None
+    ref_q: list[float] | None = None
+
+
+def truncate(prompt: list[int], responses: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]], int]:
+    """Fit every `prompt + response` into `max_length`: keep the prompt's end (at least half the budget when the
+    responses are long) and each response's start. Returns the new prompt, responses and how many sequences were cut."""
+    longest = max((len(r) for r in responses), default=0)
+    cut = sum(len(prompt) + len(r) > max_length for r in responses)
+    if not cut:
+        return prompt, responses, 0
+    keep = min(len(prompt), max(max_length // 2, max_length - longest))
+    prompt = prompt[-keep:]
+    return prompt, [r[: max_length - keep] for r in responses], cut
+
+
+def _layout(cfg: TrainConfig, row: dict[str, Any]) -> tuple[list[str] | None, str | None]:
+    """The response texts of one input row in the objective's layout, or (None, skip reason)."""
+    k = cfg.num_negatives
+    if cfg.objective == "sft":
+        target = row.get("chosen", row.get("target"))
+        return ([target], None) if target is not None else (None, "no_target")
+    if cfg.objective == "d2o":
+        anchors, negatives = list(row.get("anchors") or []), list(row.get("negatives") or [])
+        if len(anchors) < cfg.num_anchors:
+            return None, "few_anchors"
+        if len(negatives) < k:
+            return None, "few_negatives"
+        return anchors[: cfg.num_anchors] + negatives[:k], None
+    if row.get("chosen") is None:
+        return None, "no_target"
+    rejected = list(row.get("negatives") if cfg.rejected == "given" else row.get("rejected")) or []
+    keep, _ = take_first_k([rejected], k)
+    if not keep:
+        return None, "few_negatives"
+    texts = [row["chosen"], *rejected[:k]]
+    if cfg.objective == "selm":
+        if row.get("y_ref") is None:
+            return None, "no_y_ref"
+        texts.append(row["y_ref"])
+    return texts, None
+
+
+def build_items(cfg: TrainConfig, rows: list[dict[str, Any]], tokenizer) -> tuple[list[Item], dict[str, int], int]:
+    """Tokenize the groups; return the items, skipped groups by reason, and the number of truncated sequences."""
+    from negalign.models import render_prompt_ids
+
+    eos = tokenizer.eos_token_id
+    quality = tokenizer(cfg.quality_prompt, add_special_tokens=False)["input_ids"] if cfg.objective in (
+        "sr-dpo", "sr-ipo") else None
+    items: list[Item] = []
+    skipped: dict[str, int] = {}
+    truncated = 0
+    for row in rows:
+        texts, reason = _layout(cfg, row)
+        if texts is None:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        prompt = render_prompt_ids(tokenizer, row["messages"])
+        responses = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+        p, rs, cut = truncate(prompt, responses, cfg.max_length)
+        truncated += cut
+        item = Item(row["prompt_id"], p, rs, texts)
+        if quality is not None:
+            item.prompt_q, _, cut_q = truncate(quality + prompt, responses, cfg.max_length)
+            truncated += cut_q
+        items.append(item)
+    return items, skipped, truncated
+
+
+def read_input(cfg: TrainConfig) -> tuple[Any, list[dict[str, Any]]]:
+    """The input stage (pairs, or for sft also prompts) and its rows."""
+    path = stage_path(cfg, cfg.pairs, "pairs")
+    if cfg.pairs is None and cfg.objective == "sft" and read_manifest(path) is None:
+        path = run_path(cfg, "prompts")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UsageError(f"{path}: no pairs here; run `negalign pair` first (sft also takes a prompts folder)")
+    kind = manifest.get("stage")
+    if kind == "prompts" and cfg.objective != "sft":
+        raise UsageError(f"{path}: a prompts folder can only feed --objective sft; {cfg.objective} needs pairs")
+    if kind not in ("pair", "prompts"):
+        raise UsageError(f"{path}: holds a '{kind}' output; train reads a pair (or, for sft, a prompts) output")
+    stage = open_stage(path, kind)
+    rows = stage.read().to_pylist()
+    for i, r in enumerate(rows):
+        if not r.get("messages"):
+            raise BadInput("empty prompt messages", file=str(path), row=i, column="messages")
+    return stage, rows
+
+
+def check_template(cfg: TrainConfig, input_stage: Any, template_sha: str) -> str | None:
+    """The chat-template hash recorded upstream (pairs manifest, else the samples manifest); refuse a mismatch."""
+    recorded = None
+    sources = [input_stage.manifest]
+    samples = read_manifest(stage_path(cfg, cfg.samples, "samples"))
+    if samples is not None:
+        sources.append(samples)
+    for m in sources:
+        for block in (m.get("config", {}), m.get("info", {})):
+            recorded = recorded or block.get("chat_template_sha") or block.get("chat_template_hash")
+    if recorded and recorded != template_sha and not cfg.allow_template_mismatch:
+        raise UsageError(f"the policy's chat template ({template_sha}) differs from the one the samples were made "
+                         f"with ({recorded}); train with the sampling model's tokenizer, or pass "
+                         "--allow-template-mismatch")
+    return recorded
+
+
+# ----------------------------------------------------------------------------------------------- reference log-probs
+
+def attach_reference(cfg: TrainConfig, items: list[Item], model, *, ref_model: str, template_sha: str,
+                     folder: Path) -> tuple[int, int]:
+    """Fill `item.ref` (and `ref_q`) from the cache, computing what is missing. Returns (computed, reused)."""
+    from negalign import ref_logps
+
+    variant_q = "quality:" + ref_logps.text_sha(cfg.quality_prompt)[:12]
+    needs: list[ref_logps.Need] = []
+    for it in items:
+        needs += [ref_logps.Need(it.prompt_id, "plain", it.prompt, r, t)
+                  for r, t in zip(it.responses, it.texts, strict=True)]
+        if it.prompt_q is not None:
+            needs += [ref_logps.Need(it.prompt_id, variant_q, it.prompt_q, r, t)
+                      for r, t in zip(it.responses, it.texts, strict=True)]
+    cache = ref_logps.load(folder, ref_model)
+    missing = [n for n in needs if n.key not in cache]
+    unique_missing = len({n.key for n in missing})
+    if missing:
+        with progress() as bar:
+            task = bar.add_task(f"reference log-probs → {folder}", total=unique_missing)
+            cache.update(ref_logps.compute(model, missing, folder, ref_model=ref_model, template_sha=template_sha,
+                                           on_progress=lambda n: bar.advance(task, n)))
+    for it in items:
+        it.ref = [cache[ref_logps.tokens_sha(it.prompt, r)] for r in it.responses]
+        if it.prompt_q is not None:
+            it.ref_q = [cache[ref_logps.tokens_sha(it.prompt_q, r)] for r in it.responses]
+    return unique_missing, len({n.key for n in needs}) - unique_missing
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+class GroupDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[Item]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Item:
+        return self.items[i]
+
+
+@dataclass
+class GroupCollator:
+    """A batch of groups -> the model inputs of one step (packed, or padded with `share_prompt=False`)."""
+
+    share_prompt: bool = True
+    pad_id: int = 0
+
+    def _layout(self, groups):
+        return pack(groups) if self.share_prompt else pad(groups, self.pad_id)
+
+    def __call__(self, items: list[Item]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"main": self._layout([(it.prompt, it.responses) for it in items])}
+        if items[0].ref is not None:
+            batch["ref"] = torch.tensor([it.ref for it in items], dtype=torch.float64)
+        if items[0].prompt_q is not None:
+            batch["q"] = self._layout([(it.prompt_q, it.responses) for it in items])
+            batch["ref_q"] = torch.tensor([it.ref_q for it in items], dtype=torch.float64)
+        return batch
+
+
+class GroupTrainer(Trainer):
+    """`Trainer` whose loss is a `losses.py` objective on grouped, prompt-shared log-probs."""
+
+    def __init__(self, *args, objective: str, hparams: dict[str, float], num_negatives: int, num_anchors: int,
+                 lam: float, sft_weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective, self.hparams, self.k, self.num_anchors = objective, hparams, num_negatives, num_anchors
+        self.lam, self.sft_weight = lam, sft_weight
+        self.loss_is_scaled_for_ga = False  # our loss is a mean per step: Trainer divides by grad-accum steps
+        self._metrics: dict[str, list[float]] = {}
+        self.tokens_seen = 0
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self._metrics.setdefault(k, []).append(float(v))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps, counts = sequence_logps(model, inputs["main"])
+        self.tokens_seen += num_model_tokens(inputs["main"])
+        n = logps.shape[0]
+        b = inputs["ref"].shape[0] if "ref" in inputs else n
+        lp, cnt = logps.view(b, n // b), counts.view(b, n // b)
+        beta, alpha, k = self.hparams["beta"], self.hparams["alpha"], self.k
+        sft = -lp[:, 0].sum() / cnt[:, 0].sum().clamp(min=1)
+        metrics: dict[str, float] = {}
+        if self.objective == "sft":
+            loss = sft
+        else:
+            ref = inputs["ref"].to(lp.dtype)
+            if self.objective in ("dpo", "ipo", "sc"):
+                fn = {"dpo": losses.sc, "ipo": losses.ipo, "sc": losses.sc}[self.objective]
+                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta)
+            elif self.objective in ("sr-dpo", "sr-ipo"):
+                with torch.no_grad():
+                    lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
+                self.tokens_seen += num_model_tokens(inputs["q"])
+                lq = lq.view(b, n // b)
+                rq = inputs["ref_q"].to(lp.dtype)
+                fn = losses.sr_dpo if self.objective == "sr-dpo" else losses.sr_ipo
+                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], policy_chosen_q=lq[:, 0],
+                                   policy_rejected_q=lq[:, 1:1 + k], ref_chosen_q=rq[:, 0],
+                                   ref_rejected_q=rq[:, 1:1 + k], beta=beta, lam=self.lam)
+            elif self.objective == "selm":
+                loss, metrics = losses.selm(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k],
+                                            policy_yref=lp[:, -1], ref_yref=ref[:, -1], beta=beta, alpha=alpha)
+            elif self.objective == "d2o":
+                a = self.num_anchors
+                loss, metrics = losses.d2o(lp[:, :a], ref[:, :a], lp[:, a:], ref[:, a:], beta=beta, alpha=alpha)
+            else:
+                raise UsageError(f"unknown objective {self.objective!r}")
+            if self.sft_weight and self.objective != "d2o":
+                loss = loss + self.sft_weight * sft
+        metrics["sft_nll"] = sft.detach().item()
+        metrics["num_tokens"] = float(self.tokens_seen)
+        self._record(metrics)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:
+            tokens = self._metrics.pop("num_tokens", [0.0])[-1]
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._metrics.items()}, "num_tokens": tokens}
+            self._metrics = {}
+        super().log(logs, start_time)
+
+    def _save_rng_state(self, output_dir):
+        crash_point("checkpoint-save")  # model and optimizer are written, RNG and trainer state are not yet
+        super()._save_rng_state(output_dir)
+
+
+class ProgressAndMetrics(TrainerCallback):
+    """A rich progress bar (loss, margin, accuracy, tokens/s, ETA) and `metrics.jsonl`, on the main process."""
+
+    def __init__(self, trainer: GroupTrainer, metrics_file: Path):
+        self.trainer, self.metrics_file = trainer, metrics_file
+        self.bar = None
+        self.task = None
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self.bar = progress("tokens")
+        self.bar.start()
+        self.start_tokens = self.trainer.tokens_seen
+        self.task = self.bar.add_task("train", total=state.max_steps, completed=state.global_step, tokens=0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step,
+                            tokens=self.trainer.tokens_seen - self.start_tokens)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+        if self.bar is not None and "loss" in logs:
+            parts = [f"loss {logs['loss']:.4f}"]
+            if "rewards/margin" in logs:
+                parts += [f"margin {logs['rewards/margin']:+.3f}", f"acc {logs['rewards/accuracy']:.2f}"]
+            self.bar.update(self.task, description="train " + " ".join(parts))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The highest `checkpoint-N` whose trainer state parses and whose weights exist; later, broken ones (a crash
+    while saving) are removed so that the Trainer's rotation and resume never see them."""
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in found:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            rng = (p / "rng_state.pth").exists() or any(p.glob("rng_state_*.pth"))
+            complete = rng and any(p.glob("*.safetensors"))
+        except (OSError, json.JSONDecodeError):
+            complete = False
+        if complete:
+            return p
+        shutil.rmtree(p, ignore_errors=True)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, template_sha: str) -> dict[str, Any]:
+    """What the trained model depends on (fingerprinted); run-time choices (sharing, saving, logging) are left out."""
+    keys = ("objective", "num_negatives", "lam", "seed", "learning_rate", "lr_scheduler", "warmup_steps",
+            "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "lora", "sft_weight",
+            "rejected", "bf16")
+    out = {k: getattr(cfg, k) for k in keys}
+    out.update(hparams)
+    if cfg.objective == "d2o":
+        out["num_anchors"] = cfg.num_anchors
+    if cfg.objective in ("sr-dpo", "sr-ipo"):
+        out["quality_prompt"] = cfg.quality_prompt
+    if cfg.lora:
+        out.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets))
+    from negalign.models import model_label
+
+    return {**out, "base_model": model_label(cfg.model), "model_fingerprint": model_fp,
+            "chat_template_sha": template_sha}
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run(cfg: TrainConfig) -> Path:
+    from accelerate import PartialState
+
+    from negalign.models import chat_template_hash, load_causal_lm, load_tokenizer, model_fingerprint
+    from negalign.threads import set_threads
+
+    threads = set_threads(cfg.threads)
+    if not cfg.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if cfg.objective == "dpo" and cfg.num_negatives != 1:
+        raise UsageError("--objective dpo takes one rejected per prompt; use --objective sc for K > 1")
+    if cfg.objective != "sft" and cfg.rejected == "given" and cfg.objective == "d2o":
+        raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
+    hparams = resolved_hparams(cfg)
+    name = default_name(cfg)
+    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "models", name)
+    state = PartialState()
+    main = state.is_main_process
+
+    input_stage, rows = read_input(cfg)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    template_sha = chat_template_hash(tokenizer)
+    check_template(cfg, input_stage, template_sha)
+    model_fp = model_fingerprint(cfg.model)
+    config = stage_config(cfg, hparams, model_fp, template_sha)
+    inputs = {"pairs" if input_stage.stage == "pair" else "prompts": input_stage.fingerprint}
+
+    out: StageOutput | None = None
+    with state.main_process_first():
+        if main:
+            existing = read_manifest(out_dir)
+            if (existing is not None and existing.get("status") == "complete" and not cfg.overwrite
+                    and existing.get("config") == config and existing.get("inputs") == inputs):
+                console.print(f"train: {out_dir} is already complete (same config and inputs); --overwrite redoes it")
+                return out_dir
+            out = StageOutput.open(out_dir, "train", config, inputs, overwrite=cfg.overwrite,
+                                   info={"name": name, "share_prompt": cfg.share_prompt})
+    if not main and (read_manifest(out_dir) or {}).get("status") == "complete":
+        return out_dir
+    checkpoints = out_dir / "checkpoints"
+    resume_from = last_complete_checkpoint(checkpoints) if cfg.resume else None
+    if main and not cfg.resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+    items, skipped, truncated = build_items(cfg, rows, tokenizer)
+    if not items:
+        why = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "no rows"
+        raise UsageError(f"no group fits --objective {cfg.objective} --num-negatives {cfg.num_negatives} "
+                         f"(skipped: {why})")
+    if main:
+        skipped_text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()) or "none"
+        console.print(f"train {cfg.objective}: {len(items)} groups from {input_stage.path}; skipped: "
+                      f"{skipped_text}; sequences truncated to --max-length {cfg.max_length}: {truncated}")
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_causal_lm(cfg.model, device="cpu", trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    ref_dir = Path(cfg.ref_logps) if cfg.ref_logps else run_path(cfg, "ref_logps")
+    computed = reused = 0
+    if cfg.objective != "sft":
+        # The starting model is the reference: main computes what the cache lacks, the others then read it.
+        with state.main_process_first():
+            model.to(device)
+            computed, reused = attach_reference(cfg, items, model, ref_model=model_fp, template_sha=template_sha,
+                                                folder=ref_dir)
+            model.to("cpu")
+        if main:
+            console.print(f"reference log-probs: {computed} computed, {reused} reused from {ref_dir}")
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 target_modules=list(cfg.lora_targets), lora_dropout=0.0,
+                                                 task_type="CAUSAL_LM"))
+
+    _, world = _world()
+    args = TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
+        data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, label_names=[],
+        use_cpu=device == "cpu", ddp_backend="gloo" if device == "cpu" and world > 1 else None,
+        ddp_find_unused_parameters=False)
+    trainer = GroupTrainer(model=model, args=args, train_dataset=GroupDataset(items),
+                           data_collator=GroupCollator(cfg.share_prompt, tokenizer.pad_token_id),
+                           processing_class=tokenizer, objective=cfg.objective, hparams=hparams,
+                           num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors, lam=cfg.lam,
+                           sft_weight=cfg.sft_weight)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    metrics_file = out_dir / "metrics.jsonl"
+    if main and resume_from is not None and metrics_file.exists():
+        step = int(resume_from.name.split("-")[-1])  # drop log lines past the checkpoint: they will be redone
+        lines = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        metrics_file.write_text("".join(ln + "\n" for ln in lines))
+    trainer.add_callback(ProgressAndMetrics(trainer, metrics_file))
+    if main and resume_from is not None:
+        console.print(f"resuming from {resume_from}")
+
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    elapsed = time.time() - t0
+    state.wait_for_everyone()
+    if not main:
+        return out_dir
+
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg.lora:
+        final = final.merge_and_unload()
+    final.config.use_cache = True
+    for f in out_dir.glob("*.safetensors"):
+        f.unlink()
+    final.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    steps = trainer.state.global_step
+    logged = [json.loads(ln) for ln in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    losses_seen = [r["loss"] for r in logged if "loss" in r]
+    summary = {"groups": len(items), "skipped": skipped, "truncated_sequences": truncated, "steps": steps,
+               "train_loss": result.training_loss, "first_loss": losses_seen[0] if losses_seen else None,
+               "last_loss": losses_seen[-1] if losses_seen else None, "ref_logps_computed": computed,
+               "ref_logps_reused": reused, "seconds": round(elapsed, 2),
+               "seconds_per_step": round(elapsed / max(1, steps - (int(resume_from.name.split('-')[-1])
+                                                                   if resume_from else 0)), 3),
+               "threads": threads, "world_size": world, "share_prompt": cfg.share_prompt,
+               "trained_model_fingerprint": model_fingerprint(str(out_dir))}
+    assert out is not None
+    out.finish(0, timings={"train_s": round(elapsed, 2)}, summary=summary)
+    console.print(f"train: {steps} steps in {elapsed:.1f} s "
+                  f"({summary['seconds_per_step']:.2f} s/step), loss {summary['first_loss']} → "
+                  f"{summary['last_loss']}; model → {out_dir}")
+    if not math.isfinite(result.training_loss):
+        raise NegalignError(f"training loss is {result.training_loss}; lower --lr")
+    return out_dir
+
