@@ -225,7 +225,47 @@ class TrainConfig(Common):
 @dataclass
 class EvalConfig(Common):
     model: str = opt("smollm2-135m", "A name under RUN/models/, a model folder, or smollm2-135m.")
+    name: str | None = opt(None, "Eval name: the output goes to RUN/eval/NAME. [default: the model's folder name]")
+    prompts: str | None = opt(None, "Held-out prompts folder. [default: RUN/prompts_test]")
+    out: str | None = opt(None, "Output folder. [default: RUN/eval/NAME]")
+    num_samples: int = opt(1, "Answers per prompt; more than 1 samples at --temperature (default 1.0).", min=1,
+                           short="-n")
+    temperature: float | None = opt(None, "Sampling temperature. [default: greedy with -n 1, else 1.0]", min=0.0,
+                                    min_exclusive=True)
+    top_p: float = opt(1.0, "Nucleus sampling p (with --temperature).", min=0.0, max=1.0, min_exclusive=True)
     max_tokens: int = opt(64, "Max new tokens per answer.", min=1)
+    max_prompt_tokens: int = opt(1024, "Prompts longer than this (rendered) are skipped and counted.", min=1)
+    engine: str = opt("auto", "Generation engine, as for `sample`.", choices=("auto", "vllm", "hf"))
+    batch_size: int = opt(16, "Prompts per HF generate batch (the HF engine only).", min=1)
+    shard_size: int = opt(64, "Prompts per output shard.", min=1)
+    checker: str = opt("exact", "How an answer is checked against the target: exact (case, whitespace and a trailing "
+                                "period ignored), number, contains, json, choice.",
+                       choices=("exact", "number", "contains", "json", "choice"))
+    checkers: dict[str, str] = opt({}, "Checker kind per task family (YAML only), e.g. {sums: number}; "
+                                       "--checker for the other families.", cli=False)
+    embedder: str | None = opt(None, "Embedder for embed-sim. [default: the run's (RUN/embeddings), else minilm]")
+    embed_sim: bool = opt(True, "Score the cosine of each answer to its target under the embedder.")
+    reward_model: str | None = opt(None, "HF sequence-classification reward model folder: win rate against the "
+                                         "target (win 1, tie 0.5, loss 0) and mean sigmoid(reward).")
+    reward_batch_size: int = opt(8, "Texts per reward-model batch.", min=1)
+    reward_tie: float = opt(0.0, "Reward differences up to this count as a tie.", min=0.0)
+    pairs: str | None = opt(None, "Held-out pair groups (a `pair` output): pref-acc = how often the implicit reward "
+                                  "ranks the chosen above each rejected.")
+    ref_model: str | None = opt(None, "Reference model of the implicit reward for pref-acc. [default: the base model "
+                                      "in the model's training config]")
+    bootstrap: int = opt(2000, "Bootstrap resamples (over prompts) for the 95% intervals.", min=100)
+    trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
+    gpu_memory_utilization: float = opt(0.9, "vLLM on a GPU: share of GPU memory for weights and KV cache.",
+                                        min=0.0, max=1.0, min_exclusive=True)
+    cpu_kv_cache_gb: float = opt(2.0, "vLLM on the CPU: KV cache size in GiB.", min=0.0, min_exclusive=True)
+
+
+@dataclass
+class ReportConfig(Common):
+    against: list[str] = opt([], "Two eval names to compare prompt by prompt: --against A --against B (or "
+                                 "--against A,B).")
+    out: str | None = opt(None, "Output folder. [default: RUN/report]")
+    bootstrap: int = opt(2000, "Bootstrap resamples for the paired intervals.", min=100)
 
 
 # ----------------------------------------------------------------------------------------------- the registry
@@ -256,6 +296,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", TrainConfig, "train",
           "Train a model on RUN/pairs with a DPO-family objective into RUN/models/NAME."),
     Stage("eval", EvalConfig, "evaluate", "Generate on held-out prompts and score them into RUN/eval/NAME."),
+    Stage("report", ReportConfig, "report",
+          "Compare every evaluated model of a run: a table, RUN/report/report.md with plots, paired tests."),
 ]}
 
 

@@ -34,7 +34,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from negalign import checkers, stats
-from negalign.config import SampleConfig, run_path
+from negalign.config import EvalConfig, SampleConfig, run_path
 from negalign.console import console
 from negalign.errors import NegalignError, UsageError
 from negalign.models import best_device, model_fingerprint, model_label, render_prompt_ids, resolve_model
@@ -69,43 +68,6 @@ PREF_SCHEMA = pa.schema([
 METRIC_COLUMNS = {"checker": ("checker_kind", "correct"), "embed_sim": ("embed_sim",),
                   "reward": ("reward", "reward_target", "win")}
 NO_TASK = "(none)"
-
-
-@dataclass
-class EvalConfig:
-    """Until the CLI builds `eval` from config.py, the Python API takes this (same names as the flags)."""
-
-    run: str = "runs/exp"
-    seed: int = 0
-    overwrite: bool = False
-    debug: bool = False
-    verbose: bool = False
-    threads: int | None = None
-    model: str = DEFAULT_MODEL
-    name: str | None = None
-    prompts: str | None = None
-    out: str | None = None
-    num_samples: int = 1
-    temperature: float | None = None
-    top_p: float = 1.0
-    max_tokens: int = 64
-    max_prompt_tokens: int = 1024
-    engine: str = "auto"
-    batch_size: int = 16
-    shard_size: int = 64
-    checker: str = "exact"
-    checkers: dict[str, str] = field(default_factory=dict)
-    embedder: str | None = None
-    embed_sim: bool = True
-    reward_model: str | None = None
-    reward_batch_size: int = 8
-    reward_tie: float = 0.0
-    pairs: str | None = None
-    ref_model: str | None = None
-    bootstrap: int = stats.N_BOOT
-    trust_remote_code: bool = False
-    cpu_kv_cache_gb: float = 2.0
-    gpu_memory_utilization: float = 0.9
 
 
 # ----------------------------------------------------------------------------------------------- the model

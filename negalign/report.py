@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from negalign import stats
-from negalign.config import run_path
+from negalign.config import ReportConfig, run_path
 from negalign.console import console
 from negalign.errors import UsageError
 from negalign.store import atomic_write_text, open_stage, read_manifest
@@ -44,21 +44,6 @@ NOT_METHOD = {"seed", "name", "run", "out", "overwrite", "debug", "verbose", "th
               "output_dir", "pairs", "ref_logps"}
 LABELS = {key: label for key, label, _ in METRICS}
 PCT = {key for key, _, pct in METRICS if pct}
-
-
-@dataclass
-class ReportConfig:
-    """Until the CLI builds `report` from config.py, the Python API takes this (same names as the flags)."""
-
-    run: str = "runs/exp"
-    seed: int = 0
-    overwrite: bool = False
-    debug: bool = False
-    verbose: bool = False
-    threads: int | None = None
-    against: list[str] = field(default_factory=list)
-    out: str | None = None
-    bootstrap: int = stats.N_BOOT
 
 
 @dataclass
@@ -388,10 +373,11 @@ def run(cfg: ReportConfig) -> Path:
     models = load_models(run_dir)
     if not models:
         raise UsageError(f"{run_dir / 'eval'}: no evaluated models (no eval/NAME/summary.json); run `eval` first")
-    if cfg.against and len(cfg.against) != 2:
-        raise UsageError("--against takes two eval names, e.g. --against sc-k8 sft")
+    against = [n for item in cfg.against for n in item.replace(",", " ").split()]
+    if against and len(against) != 2:
+        raise UsageError(f"--against takes two eval names (--against A --against B), got {len(against)}")
     by_name = {m.name: m for m in models}
-    for name in cfg.against:
+    for name in against:
         if name not in by_name:
             raise UsageError(f"--against: no eval named {name!r} (have: {', '.join(sorted(by_name))})")
     out = Path(cfg.out) if cfg.out else run_path(cfg, "report")
@@ -404,7 +390,7 @@ def run(cfg: ReportConfig) -> Path:
                 "num_tokens").to_numpy(zero_copy_only=False)
     plots = {"metric_vs_k": plot_vs_k(groups, out), "per_model": plot_per_model(groups, out),
              "lengths": plot_lengths(groups, tokens, out)}
-    comparison = paired(by_name[cfg.against[0]], by_name[cfg.against[1]], cfg) if cfg.against else None
+    comparison = paired(by_name[against[0]], by_name[against[1]], cfg) if against else None
     md = _markdown(groups, plots, comparison, run_dir)
     atomic_write_text(out / "report.md", md)
     _print(groups, comparison)
