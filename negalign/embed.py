@@ -27,13 +27,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from negalign.config import EmbedConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import UsageError
-from negalign.models import best_device, load_embedder, model_label, resolve_model
-from negalign.store import StageOutput, my_shards, open_optional_stage, open_stage, shard_name
+from negalign.models import best_device, load_embedder, model_fingerprint, model_label, resolve_model
+from negalign.store import StageInput, StageOutput, my_shards, open_optional_stage, open_stage
 
 SOURCES = ("sample", "greedy", "target", "negative")
 TARGET_IDX = -1
@@ -96,7 +95,8 @@ def _stage_config(cfg: EmbedConfig, resolved: str) -> dict[str, Any]:
     are left out: they change nothing beyond float rounding, so a run can resume on another machine."""
     folder = Path(resolved)
     return {"embedder": model_label(cfg.embedder),
-            "embedder_folder": "/".join(folder.parts[-2:]) if folder.is_absolute() else resolved, "normalize": True}
+            "embedder_folder": "/".join(folder.parts[-2:]) if folder.is_absolute() else resolved,
+            "embedder_fingerprint": model_fingerprint(cfg.embedder), "normalize": True}
 
 
 def _encode(model: Any, texts: list[str], batch_size: int, bar: Any, task: Any, counter: dict[str, int]) -> np.ndarray:
@@ -126,14 +126,14 @@ def run(cfg: EmbedConfig) -> None:
     out_dir = stage_path(cfg, cfg.out, "embeddings")
 
     resolved = resolve_model(cfg.embedder)
-    inputs = {"samples": samples.fingerprint, "prompts": prompts_in.fingerprint}
+    inputs: dict[str, str | StageInput] = {"samples": samples, "prompts": prompts_in}
     if greedy_in is not None:
-        inputs["greedy"] = greedy_in.fingerprint
+        inputs["greedy"] = greedy_in
     info = {"embedder": cfg.embedder, "embedder_path": resolved}
     out = StageOutput.open(out_dir, "embed", _stage_config(cfg, resolved), inputs, overwrite=cfg.overwrite,
                            info=info)
 
-    num_shards = samples.manifest["num_shards"]
+    num_shards = samples.num_shards
     plan = [s for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards) if not out.done(s)]
     totals = {"rows": 0, "unique": 0, "texts": 0}
     dim = None
@@ -148,7 +148,7 @@ def run(cfg: EmbedConfig) -> None:
                 rows.sort()
 
         def slots_of(s: int) -> list[tuple[str, int, str, str]]:
-            table = pq.read_table(samples.path / shard_name(s), columns=["prompt_id", "sample_idx", "text"])
+            table = samples.read_shard(s, ["prompt_id", "sample_idx", "text"])
             return _shard_slots(table, prompts, greedy)
 
         # A first cheap pass counts the unique texts for the progress bar; shards are re-read one at a time below.

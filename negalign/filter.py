@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from rich.table import Table
 
 from negalign import selection
@@ -146,26 +145,22 @@ def run(cfg: FilterConfig) -> None:
     embeddings = open_stage(stage_path(cfg, cfg.embeddings, "embeddings"), "embed")
     samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
     out_dir = stage_path(cfg, cfg.out, "negatives")
-    out = StageOutput.open(out_dir, "filter", _stage_config(cfg),
-                           {"embeddings": embeddings.fingerprint, "samples": samples.fingerprint},
+    # check_inputs (in open) refuses embeddings made from other samples, so shard i of each covers the same prompts.
+    out = StageOutput.open(out_dir, "filter", _stage_config(cfg), {"embeddings": embeddings, "samples": samples},
                            overwrite=cfg.overwrite)
-    shard_files = embeddings.shard_files()
-    sample_files = {f.name: f for f in samples.shard_files()}
-    todo = [s for s, f in enumerate(shard_files) if not out.done(s)]
+    num_shards = embeddings.num_shards
+    todo = [s for s in range(num_shards) if not out.done(s)]
     t0 = time.time()
     with progress() as bar:
-        task = bar.add_task(f"filter → {out_dir}", total=len(shard_files), completed=len(shard_files) - len(todo))
+        task = bar.add_task(f"filter → {out_dir}", total=num_shards, completed=num_shards - len(todo))
         for s in todo:
-            f = shard_files[s]
-            columns = ["prompt_id", "sample_idx", "text", "finish_reason"]
-            smp = pq.read_table(sample_files[f.name], columns=columns) if f.name in sample_files \
-                else samples.read(columns)
-            result = filter_shard(pq.read_table(f), smp, cfg)
+            smp = samples.read_shard(s, ["prompt_id", "sample_idx", "text", "finish_reason"])
+            result = filter_shard(embeddings.read_shard(s), smp, cfg)
             out.write_shard(s, result, {"rows": result.num_rows, "kept": int(pc.sum(result.column("kept")).as_py()
                                                                               or 0)})
             bar.advance(task)
-    table = pa.concat_tables([out.read_shard(s) for s in range(len(shard_files))]) if shard_files else \
+    table = pa.concat_tables([out.read_shard(s) for s in range(num_shards)]) if num_shards else \
         NEGATIVES_SCHEMA.empty_table()
     summary = summarise(table)
-    out.finish(len(shard_files), timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
+    out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from negalign.config import PairConfig, stage_path
 from negalign.console import console, progress
@@ -41,7 +40,6 @@ from negalign.store import (
     my_shards,
     open_optional_stage,
     open_stage,
-    shard_name,
     write_parquet,
 )
 
@@ -59,23 +57,18 @@ ANCHOR_DROPS = ("empty", "truncated", "duplicate", "near_negative", "near_duplic
 
 
 
-def _candidates_by_prompt(negatives: StageInput) -> dict[str, list[tuple[int, float, bool, str | None]]]:
-    """The filter's candidate rows, {prompt_id: [(sample_idx, sim_to_target, kept, drop_reason)]} in sample order.
-    Rows for targets, given negatives or greedy answers (if a filter writes any) are left out."""
-    first = negatives.shard_files()[0] if negatives.shard_files() else None
-    names = pq.read_schema(first).names if first else []
-    columns = ["prompt_id", "sample_idx", "sim_to_target", "kept", "drop_reason"]
-    table = negatives.read(columns + (["source"] if "source" in names else []))
-    if table.num_rows == 0:
-        return {}
+CANDIDATE_COLUMNS = ["prompt_id", "sample_idx", "sim_to_target", "kept", "drop_reason"]
+
+
+def _candidates_by_prompt(table: pa.Table) -> dict[str, list[tuple[int, float, bool, str | None]]]:
+    """One filter shard's candidate rows, {prompt_id: [(sample_idx, sim_to_target, kept, drop_reason)]} in sample
+    order. Rows for targets or given negatives (sample_idx < 0, if a filter writes any) are left out."""
     cols = table.to_pydict()
-    source = cols.get("source") or [None] * table.num_rows
     out: dict[str, list[tuple[int, float, bool, str | None]]] = {}
-    for pid, idx, sim, kept, reason, src in zip(cols["prompt_id"], cols["sample_idx"], cols["sim_to_target"],
-                                               cols["kept"], cols["drop_reason"], source, strict=True):
-        if (src is not None and src != "sample") or idx < 0:
-            continue
-        out.setdefault(pid, []).append((idx, math.nan if sim is None else float(sim), bool(kept), reason))
+    for pid, idx, sim, kept, reason in zip(cols["prompt_id"], cols["sample_idx"], cols["sim_to_target"],
+                                           cols["kept"], cols["drop_reason"], strict=True):
+        if idx >= 0:
+            out.setdefault(pid, []).append((idx, math.nan if sim is None else float(sim), bool(kept), reason))
     for rows in out.values():
         rows.sort(key=lambda r: r[0])
     return out
@@ -141,13 +134,19 @@ def run(cfg: PairConfig) -> None:
     greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
     out_dir = stage_path(cfg, cfg.out, "pairs")
 
-    inputs = {"negatives": negatives.fingerprint, "samples": samples.fingerprint, "prompts": prompts_in.fingerprint}
+    inputs: dict[str, str | StageInput] = {"negatives": negatives, "samples": samples, "prompts": prompts_in}
     if greedy_in is not None:
-        inputs["greedy"] = greedy_in.fingerprint
-    # export_trl is a side output, not part of what the pairs depend on.
+        inputs["greedy"] = greedy_in
+    # export_trl is a side output, not part of what the pairs depend on. The policy that sampled the negatives is
+    # recorded for `train` (it is already part of the inputs' lineage).
+    policy = {k: samples.config.get(k) for k in ("model", "model_fingerprint", "chat_template_hash")}
+    # check_inputs (in open) refuses negatives made from other samples: shard i of both covers the same prompts.
     out = StageOutput.open(out_dir, "pair", {"max_negatives": cfg.max_negatives, "seed": cfg.seed}, inputs,
-                           overwrite=cfg.overwrite)
-    num_shards = samples.manifest["num_shards"]
+                           overwrite=cfg.overwrite, info={"policy": policy})
+    num_shards = samples.num_shards
+    if negatives.num_shards != num_shards:
+        raise UsageError(f"{negatives.path} has {negatives.num_shards} shards and {samples.path} {num_shards}: the "
+                         "filter output was not made from these samples; re-run embed and filter with --overwrite")
     plan = [s for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards) if not out.done(s)]
     totals: dict[str, Any] = {"groups": 0, "pairs": 0, "d2o": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
     t0 = time.time()
@@ -159,11 +158,11 @@ def run(cfg: PairConfig) -> None:
             for r in sorted(greedy_in.read(["prompt_id", "sample_idx", "text"]).to_pylist(),
                             key=lambda r: -r["sample_idx"]):
                 y_refs[r["prompt_id"]] = r["text"] or ""  # the lowest sample_idx wins
-        candidates = _candidates_by_prompt(negatives)
         with progress() as bar:
             task = bar.add_task(f"pair → {out_dir}", total=len(plan))
             for s in plan:
-                rows = pq.read_table(samples.path / shard_name(s), columns=["prompt_id", "sample_idx", "text"])
+                rows = samples.read_shard(s, ["prompt_id", "sample_idx", "text"])
+                candidates = _candidates_by_prompt(negatives.read_shard(s, CANDIDATE_COLUMNS))
                 texts: dict[str, dict[int, str]] = {}
                 for pid, idx, text in zip(rows.column("prompt_id").to_pylist(),
                                           rows.column("sample_idx").to_pylist(), rows.column("text").to_pylist(),
@@ -173,8 +172,7 @@ def run(cfg: PairConfig) -> None:
                 for pid, by_idx in texts.items():
                     if pid not in prompts:
                         raise UsageError(f"prompt {pid[:12]}… is in the samples but not in the prompts")
-                    group, reason = build_group(pid, prompts[pid], by_idx, candidates.get(pid, []),
-                                                y_refs.get(pid) if greedy_in is not None else None,
+                    group, reason = build_group(pid, prompts[pid], by_idx, candidates.get(pid, []), y_refs.get(pid),
                                                 seed=cfg.seed, max_negatives=cfg.max_negatives)
                     if group is None:
                         skipped[reason] += 1

@@ -1,9 +1,19 @@
 """Artifact I/O: the only module that reads or writes stage outputs (SPEC §2).
 
-A stage output folder holds Parquet shards `part-NNNNN.parquet` and a `manifest.json`. Shards are written to a
-temporary name, fsynced and renamed; the manifest is rewritten the same way under a file lock, so several
-shard-parallel workers can share one folder. A shard counts as done only when the manifest lists it as
-complete *and* the file's sha256 still matches; anything else is redone.
+A stage output folder holds Parquet shards `part-NNNNN.parquet` and a `_manifest.json` (older folders:
+`manifest.json`). Shards are written to a temporary name, fsynced and renamed; the manifest is rewritten the same
+way under a file lock, so several shard-parallel workers can share one folder. A shard counts as done only when the
+manifest lists it as complete *and* the file's sha256 still matches; anything else is redone.
+
+The guarantee: a stage never runs on an input that is stale, unverified or mixed, and a failed or killed command
+never destroys a complete output.
+- stale: each manifest records its inputs' fingerprints and the whole upstream lineage; opening an input checks that
+  every upstream output still holds what it was built from (`stale_reason`), and that the inputs a stage opens
+  together were built from each other (`check_inputs`);
+- unverified: shards are read only through `read_verified`, which checks the manifest's sha256 on the bytes it
+  parses, and only the shards the manifest lists; a manifest is schema-checked when loaded;
+- mixed: a run lock (`RunLock`) lets only writers of one config share an output folder;
+- destroyed: `--overwrite` builds the new output beside the old one and swaps it in when complete (`StageOutput`).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +42,7 @@ from negalign.versions import library_versions
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
 LEGACY_MANIFEST = "manifest.json"  # the older name, still read
-LOCK = ".manifest.lock"
+HOST = socket.gethostname()
 
 
 def shard_name(index: int) -> str:
@@ -68,7 +79,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -157,11 +168,85 @@ def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
                            file=str(file), column=column)
 
 
+# ----------------------------------------------------------------------------------------------- manifests
+
+_REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict, "shards": dict}
+
+
+def command_of(stage: str) -> str:
+    """The CLI command that writes a stage's output."""
+    return {"prompts": "prepare"}.get(stage, stage)
+
+
+def manifest_file(path: Path) -> Path | None:
+    """The folder's manifest file (`_manifest.json`, or the older `manifest.json`), or None."""
+    for name in (MANIFEST, LEGACY_MANIFEST):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """What is wrong with a parsed manifest, or None. A complete one must list exactly shards 0..num_shards-1."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__} instead of an object"
+    for key, kind in _REQUIRED.items():
+        if not isinstance(m.get(key), kind):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if m["status"] not in ("running", "complete"):
+        return f"unknown status '{m['status']}'"
+    for name, e in m["shards"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and isinstance(e.get("sha256"), str)
+                and "status" in e):
+            return f"shard entry '{name}' lacks rows, sha256 or status"
+    if m["status"] == "complete":
+        n = m.get("num_shards")
+        if not isinstance(m.get("fingerprint"), str) or not isinstance(n, int):
+            return "complete without fingerprint or num_shards"
+        if set(m["shards"]) != {shard_name(i) for i in range(n)}:
+            return f"complete, but lists {len(m['shards'])} shards where {n} are expected"
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The folder's manifest, checked against the schema above; None when the folder has none."""
+    f = manifest_file(path)
+    if f is None:
+        return None
+    m: Any = None
+    try:
+        m = json.loads(f.read_text())
+        why = _manifest_problem(m)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        why = f"not valid JSON: {e}"
+    if why is not None:
+        stage = m.get("stage") if isinstance(m, dict) else None
+        rerun = f"negalign {command_of(stage)}" if isinstance(stage, str) else "the stage that writes it"
+        raise UsageError(f"{f}: broken manifest ({why}); re-run {rerun} with --overwrite to rebuild this output")
+    return m
+
+
 # ----------------------------------------------------------------------------------------------- reading
+
+def read_verified(file: Path, entry: dict[str, Any], kind: str | None = None,
+                  columns: list[str] | None = None) -> pa.Table:
+    """Read a shard's bytes once, check them against the manifest's sha256, then parse them (and check the schema
+    of a known stage kind). A damaged or missing shard is an error, never data."""
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise NegalignError(f"{file}: shard listed in the manifest is missing; re-run the stage to redo it") from None
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise NegalignError(f"{file}: damaged (sha256 does not match the manifest); re-run the stage to redo it")
+    parquet = pq.ParquetFile(pa.BufferReader(data))
+    if kind in SCHEMAS:
+        check_schema(parquet.schema_arrow, kind, file)
+    return parquet.read(columns=columns)
+
 
 @dataclass
 class StageInput:
-    """A complete stage output, opened for reading."""
+    """A complete stage output, opened for reading. Every shard is verified against its sha256 as it is read."""
 
     path: Path
     manifest: dict[str, Any]
@@ -178,12 +263,34 @@ class StageInput:
     def config(self) -> dict[str, Any]:
         return self.manifest["config"]
 
+    @property
+    def inputs(self) -> dict[str, str]:
+        """Fingerprints of the inputs this output was built from, by input name."""
+        return self.manifest["inputs"]
+
+    @property
+    def lineage(self) -> dict[str, dict[str, Any]]:
+        """Every upstream output, {path relative to this folder: {stage, fingerprint, inputs}} (empty if older)."""
+        return self.manifest.get("lineage", {})
+
+    @property
+    def num_shards(self) -> int:
+        return self.manifest["num_shards"]
+
     def shard_files(self) -> list[Path]:
         return [self.path / name for name in sorted(self.manifest["shards"])]
 
+    def read_shard(self, shard: int | str, columns: list[str] | None = None) -> pa.Table:
+        """One listed shard (by index or file name), verified; refuses a shard the manifest does not list."""
+        name = shard_name(shard) if isinstance(shard, int) else shard
+        entry = self.manifest["shards"].get(name)
+        if entry is None:
+            raise NegalignError(f"{self.path / name}: not listed in {self.path}'s manifest")
+        return read_verified(self.path / name, entry, self.stage, columns)
+
     def iter_shards(self, columns: list[str] | None = None) -> Iterator[tuple[Path, pa.Table]]:
-        for f in self.shard_files():
-            yield f, pq.read_table(f, columns=columns)
+        for name in sorted(self.manifest["shards"]):
+            yield self.path / name, self.read_shard(name, columns)
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         tables = [t for _, t in self.iter_shards(columns)]
@@ -194,52 +301,236 @@ class StageInput:
         return sum(s["rows"] for s in self.manifest["shards"].values())
 
 
-def manifest_file(path: Path) -> Path | None:
-    """The folder's manifest file (`_manifest.json`, or the older `manifest.json`), or None."""
-    for name in (MANIFEST, LEGACY_MANIFEST):
-        if (Path(path) / name).is_file():
-            return Path(path) / name
-    return None
+def damaged_shards(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Listed shards that are missing or whose bytes no longer match their sha256 (reads every byte)."""
+    bad = []
+    for name, entry in sorted(manifest["shards"].items()):
+        f = Path(path) / name
+        if entry.get("status") == "complete" and (not f.is_file() or sha256_file(f) != entry["sha256"]):
+            bad.append(name)
+    return bad
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    f = manifest_file(path)
-    if f is None:
+def _norm(path: Path | str) -> Path:
+    """Collapse `a/../b` lexically, so that `--run ../dd/../dd2` never creates a stray `dd/`."""
+    return Path(os.path.normpath(path))
+
+
+def _rel(target: Path | str, start: Path | str) -> str:
+    return os.path.relpath(os.path.abspath(target), os.path.abspath(start))
+
+
+def _ancestors(x: StageInput, rel: str) -> set[str]:
+    """The outputs in x's lineage that `rel` (a lineage key, or "." for x) was built from, directly or not."""
+    graph = {r: e.get("inputs", []) for r, e in x.lineage.items()} | {".": list(x.manifest.get("input_paths",
+                                                                                              {}).values())}
+    seen: set[str] = set()
+    todo = list(graph.get(rel, []))
+    while todo:
+        r = todo.pop()
+        if r not in seen:
+            seen.add(r)
+            todo += graph.get(r, [])
+    return seen
+
+
+def _rerun_plan(x: StageInput, changed: set[str]) -> str:
+    """The commands to re-run, in order: the stages of x's chain (x included) built on a changed output that
+    are not themselves rebuilt already."""
+    stages = {rel: e["stage"] for rel, e in x.lineage.items()} | {".": x.stage}
+    todo = sorted((rel for rel in stages if rel not in changed and _ancestors(x, rel) & changed),
+                  key=lambda rel: len(_ancestors(x, rel)))
+    return ", then ".join(f"`negalign {command_of(stages[rel])}`" + (" with --overwrite" if i == 0 else "")
+                          for i, rel in enumerate(todo))
+
+
+def stale_reason(x: StageInput) -> str | None:
+    """Why x is stale, or None: an upstream output recorded in x's lineage now holds something else (re-run,
+    unfinished or broken). Upstream folders that no longer exist are not checked (nothing to compare with)."""
+    changed: dict[str, str] = {}
+    for rel, entry in x.lineage.items():
+        try:
+            m = read_manifest(_norm(x.path / rel))
+        except UsageError:
+            changed[rel] = "broken"
+            continue
+        if m is None:
+            continue
+        if m["status"] != "complete":
+            changed[rel] = "unfinished"
+        elif m["fingerprint"] != entry["fingerprint"]:
+            changed[rel] = "changed"
+    if not changed:
         return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise NegalignError(f"{f}: unreadable manifest ({e})") from e
+    first = min(changed, key=lambda rel: len(_ancestors(x, rel)))  # the most upstream change
+    what = {"changed": "has changed since", "unfinished": "is being rebuilt or unfinished", "broken": "is broken"}
+    return (f"{x.path} was built from an older {_norm(x.path / first)} (it {what[changed[first]]}); "
+            f"re-run {_rerun_plan(x, set(changed))}")
 
 
-def open_stage(path: Path, stage: str | None = None, *, verify: bool = False) -> StageInput:
-    """Open a finished stage output; refuse a missing, unfinished or wrong-kind one. `verify` re-hashes shards."""
-    path = Path(path)
+def check_inputs(inputs: dict[str, StageInput | None]) -> None:
+    """Refuse a set of inputs that do not belong together: input B recorded input `name` with another fingerprint
+    than the `name` opened now (e.g. filter given embeddings made from other samples)."""
+    for b in inputs.values():
+        if b is None:
+            continue
+        for name, fp in b.inputs.items():
+            a = inputs.get(name)
+            if a is not None and a is not b and a.fingerprint != fp:
+                raise UsageError(f"{b.path} was made from other {name} than {a.path} holds now; re-run "
+                                 f"`negalign {command_of(b.stage)} --overwrite`, or point at the {name} it was made "
+                                 "from")
+
+
+def open_stage(path: Path, stage: str | None = None, *, verify: bool = False,
+               check_lineage: bool = True) -> StageInput:
+    """Open a finished stage output; refuse a missing, unfinished, broken, wrong-kind or stale one.
+    `verify` re-hashes every shard now (reads do it anyway, shard by shard)."""
+    path = _norm(path)
     manifest = read_manifest(path)
     if manifest is None:
         raise UsageError(f"{path}: no {MANIFEST} here; run the stage that writes it first")
-    if stage is not None and manifest.get("stage") != stage:
-        raise UsageError(f"{path}: holds a '{manifest.get('stage')}' output, expected '{stage}'")
-    if manifest.get("status") != "complete":
+    if stage is not None and manifest["stage"] != stage:
+        raise UsageError(f"{path}: holds a '{manifest['stage']}' output, expected '{stage}'")
+    if manifest["status"] != "complete":
         done = sum(1 for s in manifest["shards"].values() if s["status"] == "complete")
-        raise UsageError(f"{path}: stage '{manifest['stage']}' is not finished ({done}/{manifest.get('num_shards')} "
-                         "shards); re-run it to resume")
-    for name, entry in manifest["shards"].items():
-        f = path / name
-        if not f.exists():
-            raise NegalignError(f"{f}: shard listed in the manifest is missing; re-run the stage to redo it")
-        if verify and sha256_file(f) != entry["sha256"]:
-            raise NegalignError(f"{f}: sha256 does not match the manifest; re-run the stage to redo it")
+        total = manifest.get("num_shards")
+        raise UsageError(f"{path}: stage '{manifest['stage']}' is not finished ({done}/{total or '?'} shards); "
+                         f"re-run `negalign {command_of(manifest['stage'])}` to resume")
+    for name in manifest["shards"]:
+        if not (path / name).is_file():
+            raise NegalignError(f"{path / name}: shard listed in the manifest is missing; re-run the stage to redo it")
+    if verify and (bad := damaged_shards(path, manifest)):
+        raise NegalignError(f"{path / bad[0]}: sha256 does not match the manifest; re-run the stage to redo it")
     opened = StageInput(path, manifest)
     kind = manifest["stage"] if manifest["stage"] in SCHEMAS else stage
     if kind and opened.shard_files():
         check_schema(pq.read_schema(opened.shard_files()[0]), kind, opened.shard_files()[0])
+    if check_lineage and (why := stale_reason(opened)):
+        raise UsageError(why)
     return opened
 
 
 def open_optional_stage(path: Path, stage: str) -> StageInput | None:
     """Like open_stage, but None when the folder holds no output (e.g. RUN/greedy before `sample --greedy`)."""
     return open_stage(path, stage) if read_manifest(path) is not None else None
+
+
+# ----------------------------------------------------------------------------------------------- run lock
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torch.distributed / accelerate launch: only rank 0 writes or clears."""
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    return rank.strip() in ("", "0")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder_alive(h: dict[str, Any]) -> bool:
+    return h.get("host") != HOST or _pid_alive(int(h.get("pid", 0)))
+
+
+@contextlib.contextmanager
+def _flock(file: Path) -> Iterator[None]:
+    with open(file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RunLock:
+    """Who writes an output folder. Every writer holds a shared flock on `PARENT/.NAME.lock` for its whole run;
+    the file names the holders (pid, host, start time) and the key (stage, config, inputs) they write. A newcomer
+    with the same key joins (shard-parallel workers); one with another key is refused while any holder lives. The
+    kernel drops a dead process's flock, so a lock left by a killed run is stale: an exclusive try-lock succeeds.
+    `PARENT/.NAME.mutex` serialises joining and every manifest update."""
+
+    _held: dict[str, RunLock] = {}  # this process's locks; a process runs one stage at a time
+
+    def __init__(self, final: Path, key: str) -> None:
+        self.file = final.parent / f".{final.name}.lock"
+        self.mutex_file = final.parent / f".{final.name}.mutex"
+        self.key = key
+        self.fd: int | None = None
+        self.alone = False  # nobody else held the output when we took it
+
+    def mutex(self) -> contextlib.AbstractContextManager[None]:
+        return _flock(self.mutex_file)
+
+    def _write_info(self, info: dict[str, Any]) -> None:
+        assert self.fd is not None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(info, indent=1) + "\n").encode(), 0)
+
+    def _read_info(self, fd: int) -> dict[str, Any]:
+        raw = os.pread(fd, 1 << 20, 0)
+        with contextlib.suppress(ValueError):
+            info = json.loads(raw or b"{}")
+            if isinstance(info, dict):
+                return info
+        return {}
+
+    @classmethod
+    def acquire(cls, final: Path, key: str, config: dict[str, Any]) -> RunLock:
+        """Hold the output for a run with this key, or raise UsageError naming the live holders."""
+        held = cls._held.get(os.path.abspath(final))
+        if held is not None and held.key == key and held.fd is not None:
+            return held
+        if held is not None:  # an earlier stage run in this process stopped without finish(): it is over
+            held.release()
+        lock = cls(final, key)
+        with lock.mutex():
+            fd = os.open(lock.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                lock.alone = True
+            except BlockingIOError:
+                lock.alone = False
+            info = {} if lock.alone else lock._read_info(fd)
+            if not lock.alone and info.get("key") != key:
+                os.close(fd)
+                live = [h for h in info.get("holders", []) if _holder_alive(h)] or [{"pid": "?", "host": "?"}]
+                who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('started', '?')}" for h in live)
+                diff = _config_diff(info.get("config") or {}, config) or "other inputs"
+                raise UsageError(f"{final}: in use by {who}, writing another config ({diff}); wait for it to "
+                                 "finish, or write elsewhere")
+            fcntl.flock(fd, fcntl.LOCK_SH)  # the exclusive try-lock becomes shared; joiners queue on the mutex
+            lock.fd = fd
+            me = {"pid": os.getpid(), "host": HOST, "started": _now()}
+            holders = [h for h in info.get("holders", []) if _holder_alive(h)]
+            lock._write_info({"key": key, "config": config, "holders": holders + [me]})
+        cls._held[os.path.abspath(final)] = lock
+        return lock
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with self.mutex():
+            info = self._read_info(self.fd)
+            info["holders"] = [h for h in info.get("holders", [])
+                               if not (h.get("pid") == os.getpid() and h.get("host") == HOST) and _holder_alive(h)]
+            self._write_info(info)
+            os.close(self.fd)
+        self.fd = None
+        for final, lock in list(self._held.items()):
+            if lock is self:
+                del self._held[final]
+
+
+def _tmp_owner_dead(name: str, alone: bool) -> bool:
+    """A `.X.tmp-HOST-PID` file left by a dead writer (any host's, when nobody else holds the output)."""
+    host, _, pid = name.rpartition(".tmp-")[2].rpartition("-")
+    return alone or (host == HOST and pid.isdigit() and not _pid_alive(int(pid)))
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -250,71 +541,169 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(changed[:5]) + (" …" if len(changed) > 5 else "")
 
 
+def _describe_inputs(inputs: dict[str, str | StageInput], dest: Path
+                     ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, Any]]]:
+    """(fingerprints by name, paths by name, lineage) for an output at `dest`; paths are relative to `dest`, so
+    a run directory can move as a whole. A plain string input (e.g. a source file's hash) has no lineage."""
+    fps, paths, lineage = {}, {}, {}
+    for name, inp in inputs.items():
+        if isinstance(inp, str):
+            fps[name] = inp
+            continue
+        fps[name] = inp.fingerprint
+        paths[name] = _rel(inp.path, dest)
+
+        def rebase(rel: str, src: Path = inp.path) -> str:
+            return _rel(_norm(src / rel), dest)
+
+        for rel, entry in inp.lineage.items():
+            lineage[rebase(rel)] = {**entry, "inputs": [rebase(r) for r in entry.get("inputs", [])]}
+        lineage[paths[name]] = {"stage": inp.stage, "fingerprint": inp.fingerprint,
+                                "inputs": [rebase(r) for r in inp.manifest.get("input_paths", {}).values()]}
+    return fps, paths, lineage
+
+
 @dataclass
 class StageOutput:
     """A stage output folder being written. Use `StageOutput.open(...)`, then `done()` / `write_shard()` / `finish()`.
 
-    `config` is what the output depends on (fingerprinted); `inputs` maps input names to their fingerprints.
-    `info` is recorded but not fingerprinted (e.g. a sample count that may grow by top-up).
+    `config` is what the output depends on (fingerprinted); `inputs` maps input names to opened inputs (their
+    fingerprints and lineage are recorded) or to plain fingerprints. `info` is recorded but not fingerprinted
+    (e.g. a sample count that may grow by top-up).
+
+    Replacing an output (`--overwrite` with another config or inputs) writes into a staging folder
+    `PARENT/.NAME.new-KEY` beside the old output, and swaps it in only when it is complete: a failed or killed
+    `--overwrite` leaves the old output as it was. KEY is the fingerprint of (stage, config, inputs), so
+    shard-parallel workers of one config share one staging folder and resume it after a crash; the worker that
+    completes the last shard swaps it in. Workers started later with the same config find the new output in place.
     """
 
-    path: Path
+    path: Path  # where shards go: the output folder, or its staging folder while it is being replaced
+    final: Path
     stage: str
     config: dict[str, Any]
     inputs: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
+    input_paths: dict[str, str] = field(default_factory=dict)
+    lineage: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    readonly: bool = False
+    _lock: RunLock | None = None
+    _marked_running: bool = False
 
     @classmethod
-    def open(cls, path: Path, stage: str, config: dict[str, Any], inputs: dict[str, str] | None = None, *,
-             overwrite: bool = False, info: dict[str, Any] | None = None) -> StageOutput:
-        out = cls(Path(path), stage, config, inputs or {}, info or {})
-        out.path.mkdir(parents=True, exist_ok=True)
-        with out._locked():
-            manifest = read_manifest(out.path)
-            if manifest is not None and (manifest.get("stage") != stage
-                                         or manifest.get("config_fingerprint") != fingerprint(config)
-                                         or manifest.get("inputs") != out.inputs):
-                if not overwrite:
-                    if manifest.get("stage") != stage:
-                        why = f"it holds a '{manifest.get('stage')}' output"
-                    elif manifest.get("config_fingerprint") != fingerprint(config):
-                        why = f"it was made with another config ({_config_diff(manifest.get('config', {}), config)})"
-                    else:
-                        why = "its inputs changed since it was made"
-                    raise UsageError(f"{out.path}: {why}; pass --overwrite to redo it, or write elsewhere")
-                out._clear()
-                manifest = None
-            if manifest is None:
-                manifest = {"stage": stage, "negalign_version": __version__, "config": config,
-                            "config_fingerprint": fingerprint(config), "inputs": out.inputs, "info": out.info,
-                            "status": "running", "num_shards": None, "shards": {}, "created_at": _now(),
-                            "timings": {}, "versions": library_versions()}
-            else:
-                manifest["info"] = {**manifest.get("info", {}), **out.info}
-            manifest["updated_at"] = _now()
-            atomic_write_json(out.path / MANIFEST, manifest)
+    def open(cls, path: Path, stage: str, config: dict[str, Any],
+             inputs: dict[str, str | StageInput] | None = None, *, overwrite: bool = False,
+             info: dict[str, Any] | None = None) -> StageOutput:
+        final = _norm(path)
+        inputs = inputs or {}
+        check_inputs({k: v for k, v in inputs.items() if isinstance(v, StageInput)})
+        fps, paths, lineage = _describe_inputs(inputs, final)
+        out = cls(final, final, stage, config, fps, info or {}, paths, lineage)
+        key = fingerprint([stage, fingerprint(config), fps])
+        if not is_main_process():
+            return out._wait_for_main_process()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        out._lock = RunLock.acquire(final, key, config)
+        try:
+            with out._lock.mutex():
+                out.path = out._choose_folder(key, overwrite, out._lock.alone)
+                out.path.mkdir(parents=True, exist_ok=True)
+                manifest = read_manifest(out.path) if manifest_file(out.path) else None
+                if manifest is None:
+                    manifest = {"stage": stage, "negalign_version": __version__, "config": config,
+                                "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
+                                "lineage": lineage, "info": out.info, "status": "running", "num_shards": None,
+                                "shards": {}, "created_at": _now(), "timings": {}, "versions": library_versions()}
+                else:
+                    manifest["info"] = {**manifest.get("info", {}), **out.info}
+                    manifest.update(input_paths=paths, lineage=lineage)
+                manifest["updated_at"] = _now()
+                atomic_write_json(out.path / MANIFEST, manifest)
+                (out.path / LEGACY_MANIFEST).unlink(missing_ok=True)
+        except BaseException:
+            out._lock.release()
+            raise
         return out
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.path / LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _choose_folder(self, key: str, overwrite: bool, alone: bool) -> Path:
+        """Where this run writes (called with the mutex held): the output folder if it is empty or matches,
+        else this key's staging folder (an --overwrite in progress, or a new one with --overwrite)."""
+        final, staging = self.final, self.final.parent / f".{self.final.name}.new-{key}"
+        self._tidy(key, alone)
+        try:
+            current = read_manifest(final)
+            broken = None
+        except UsageError as e:
+            current, broken = None, str(e)
+        if current is not None and (current["stage"], current["config_fingerprint"], current["inputs"]) == (
+                self.stage, fingerprint(self.config), self.inputs):
+            return final
+        if staging.is_dir() or (overwrite and (current is not None or broken is not None)):
+            return staging
+        if broken is None and current is None:
+            return final
+        if broken is not None:
+            raise UsageError(broken)
+        assert current is not None
+        if current["stage"] != self.stage:
+            why = f"it holds a '{current['stage']}' output"
+        elif current["config_fingerprint"] != fingerprint(self.config):
+            why = f"it was made with another config ({_config_diff(current['config'], self.config)})"
+        else:
+            why = "its inputs changed since it was made"
+        raise UsageError(f"{final}: {why}; pass --overwrite to redo it, or write elsewhere")
 
-    def _clear(self) -> None:
-        for f in self.path.iterdir():
-            if f.name == LOCK:
-                continue
-            if f.is_dir():
-                shutil.rmtree(f)
-            else:
-                f.unlink()
+    def _tidy(self, key: str, alone: bool) -> None:
+        """Finish a swap that a crash interrupted, then remove what dead writers left: `.tmp-*` files, and (when
+        nobody else holds the output) staging folders of other keys and old outputs being swapped out."""
+        final, parent = self.final, self.final.parent
+        if not final.exists():  # a swap was cut between its two renames: the new output is complete
+            for s in sorted(parent.glob(f".{final.name}.new-*")):
+                with contextlib.suppress(UsageError):
+                    if (read_manifest(s) or {}).get("status") == "complete":
+                        os.replace(s, final)
+                        break
+        if not final.exists():  # (not expected) no complete new output: put the old one back
+            for old in sorted(parent.glob(f".{final.name}.old-*"))[:1]:
+                os.replace(old, final)
+        for old in parent.glob(f".{final.name}.old-*"):  # swaps happen under the mutex we hold: these are over
+            shutil.rmtree(old, ignore_errors=True)
+        if alone:
+            for s in parent.glob(f".{final.name}.new-*"):
+                if s.name != f".{final.name}.new-{key}":
+                    shutil.rmtree(s, ignore_errors=True)
+        for folder in (final, parent / f".{final.name}.new-{key}"):
+            for tmp in folder.glob(".*.tmp-*") if folder.is_dir() else []:
+                if _tmp_owner_dead(tmp.name, alone):
+                    tmp.unlink(missing_ok=True)
+
+    def _wait_for_main_process(self) -> StageOutput:
+        """Non-zero ranks: wait until rank 0 has completed this output, then act as if every shard were done."""
+        key = (self.stage, fingerprint(self.config), self.inputs)
+        deadline = time.time() + float(os.environ.get("NEGALIGN_RANK_WAIT_S", 24 * 3600))
+        while True:
+            with contextlib.suppress(UsageError):
+                m = read_manifest(self.final)
+                if m and m["status"] == "complete" and (m["stage"], m["config_fingerprint"], m["inputs"]) == key:
+                    self.readonly = True
+                    return self
+            if time.time() > deadline:
+                raise NegalignError(f"{self.final}: rank 0 did not complete this output in time")
+            time.sleep(2)
+
+    def _follow_swap(self) -> None:
+        """After another worker swapped our staging folder in, the output folder is where our shards are."""
+        if self.path != self.final and not self.path.exists():
+            self.path = self.final
+
+    def _update(self) -> contextlib.AbstractContextManager[None]:
+        if self.readonly or self._lock is None or self._lock.fd is None:
+            raise NegalignError(f"{self.final}: not open for writing (finished, or not the main process)")
+        return self._lock.mutex()
 
     def manifest(self) -> dict[str, Any]:
+        self._follow_swap()
         manifest = read_manifest(self.path)
         assert manifest is not None
         return manifest
@@ -330,17 +719,30 @@ class StageOutput:
         return entry
 
     def done(self, index: int) -> bool:
-        return self.shard_entry(index) is not None
+        return self.readonly or self.shard_entry(index) is not None
 
     def read_shard(self, index: int) -> pa.Table:
-        return pq.read_table(self.path / shard_name(index))
+        """A shard this output holds, verified against its sha256."""
+        entry = self.manifest()["shards"].get(shard_name(index))
+        if entry is None:
+            raise NegalignError(f"{self.path / shard_name(index)}: not written yet")
+        return read_verified(self.path / shard_name(index), entry)
 
     def write_shard(self, index: int, table: pa.Table, meta: dict[str, Any] | None = None) -> None:
-        """Write shard `index` atomically, then record it in the manifest (also atomically, under the lock)."""
+        """Write shard `index` atomically, then record it in the manifest (also atomically, under the lock).
+        The first write of a run marks the output `running` (no fingerprint): a run killed half-way never leaves
+        it looking complete."""
         name = shard_name(index)
+        if not self._marked_running:
+            with self._update():
+                manifest = self.manifest()
+                manifest["status"] = "running"
+                manifest.pop("fingerprint", None)
+                atomic_write_json(self.path / MANIFEST, manifest)
+            self._marked_running = True
         sha = write_parquet(self.path / name, table)
         crash_point("shard-renamed")
-        with self._locked():
+        with self._update():
             manifest = self.manifest()
             manifest["shards"][name] = {"rows": table.num_rows, "sha256": sha, "status": "complete",
                                         "meta": meta or {}, "written_at": _now()}
@@ -350,27 +752,55 @@ class StageOutput:
 
     def finish(self, num_shards: int, timings: dict[str, Any] | None = None,
                summary: dict[str, Any] | None = None) -> bool:
-        """Mark the output complete if all `num_shards` shards are done; return whether it is complete."""
-        with self._locked():
-            manifest = self.manifest()
-            expected = {shard_name(i) for i in range(num_shards)}
-            # Shards beyond the expected range come from an earlier, larger plan: drop them.
-            for extra in set(manifest["shards"]) - expected:
-                del manifest["shards"][extra]
-                (self.path / extra).unlink(missing_ok=True)
-            manifest["num_shards"] = num_shards
-            complete = all(manifest["shards"].get(n, {}).get("status") == "complete" for n in expected)
-            manifest["timings"] = {**manifest.get("timings", {}), **(timings or {}),
-                                   "last_run_s": round(time.time() - self.started, 3)}
-            if summary is not None:
-                manifest["summary"] = summary
-            manifest["status"] = "complete" if complete else "running"
-            if complete:
-                shas = [manifest["shards"][n]["sha256"] for n in sorted(expected)]
-                manifest["fingerprint"] = fingerprint([manifest["config_fingerprint"], manifest["inputs"], shas])
-            manifest["updated_at"] = _now()
-            atomic_write_json(self.path / MANIFEST, manifest)
+        """Mark the output complete if all `num_shards` shards are done (swapping a staging folder in), release
+        the run lock, and return whether it is complete."""
+        if self.readonly:
+            return True
+        try:
+            with self._update():
+                complete = self._finish_locked(num_shards, timings, summary)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
         return complete
+
+    def _finish_locked(self, num_shards: int, timings: dict[str, Any] | None,
+                       summary: dict[str, Any] | None) -> bool:
+        manifest = self.manifest()
+        expected = {shard_name(i) for i in range(num_shards)}
+        # Shards beyond the expected range come from an earlier, larger plan: drop them.
+        for extra in set(manifest["shards"]) - expected:
+            del manifest["shards"][extra]
+            (self.path / extra).unlink(missing_ok=True)
+        manifest["num_shards"] = num_shards
+        complete = all(manifest["shards"].get(n, {}).get("status") == "complete" for n in expected)
+        manifest["timings"] = {**manifest.get("timings", {}), **(timings or {}),
+                               "last_run_s": round(time.time() - self.started, 3)}
+        if summary is not None:
+            manifest["summary"] = summary
+        manifest["status"] = "complete" if complete else "running"
+        if complete:
+            shas = [manifest["shards"][n]["sha256"] for n in sorted(expected)]
+            manifest["fingerprint"] = fingerprint([manifest["config_fingerprint"], manifest["inputs"], shas])
+        manifest["updated_at"] = _now()
+        atomic_write_json(self.path / MANIFEST, manifest)
+        if complete and self.path != self.final:
+            self._swap_in()
+        return complete
+
+    def _swap_in(self) -> None:
+        """Replace the output folder by the complete staging folder: two renames, then the old one is removed.
+        A crash between the renames leaves no output folder and a complete staging one; the next open finishes
+        the swap (`_tidy`)."""
+        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        if self.final.exists():
+            os.replace(self.final, old)
+        crash_point("swap-half-done")
+        os.replace(self.path, self.final)
+        _fsync_dir(self.final.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        self.path = self.final
 
 
 def my_shards(num_shards: int, shard_index: int = 0, num_workers: int = 1) -> list[int]:

@@ -78,7 +78,13 @@ def fake_filter(run: Path, keep_fraction: float = 0.75, out: Path | None = None)
             reason[i] = "near_target"
         result += [{"prompt_id": pid, "sample_idx": rows[i]["sample_idx"], "sim_to_target": sims[i],
                     "rank": rank.get(i, -1), "kept": i not in reason, "drop_reason": reason.get(i)} for i in items]
-    write_stage(out or run / "negatives", "filter", [result], FILTER_SCHEMA, {"keep_fraction": keep_fraction})
+    # Shard i of a filter output covers the prompts of samples shard i, as `negatives` does.
+    samples = open_stage(run / "samples", "sample")
+    shard_of = {pid: s for s in range(samples.num_shards) for pid in samples.read_shard(s, ["prompt_id"])
+                .column("prompt_id").to_pylist()}
+    write_stage(out or run / "negatives", "filter",
+                [[r for r in result if shard_of[r["prompt_id"]] == s] for s in range(samples.num_shards)],
+                FILTER_SCHEMA, {"keep_fraction": keep_fraction})
 
 
 def read_stage(path: Path, stage: str) -> list[dict]:
@@ -218,9 +224,11 @@ def pair_run(tmp_path: Path) -> tuple[Path, dict[str, dict]]:
              (p["d2o"], 4, None, 1, True, None), (p["d2o"], 5, None, 2, False, "near_target")]
     rows += [(p["given_only"], 0, 0.99, 0, False, "near_target"), (p["given_only"], 1, 0.99, -1, False, "duplicate")]
     rows += [(p["given_only"], -1, 1.0, -1, False, "target")]  # a filter may list other rows: pair ignores them
+    first_shard = {r["prompt_id"] for r in samples[:20]}  # the filter writes shard i for samples shard i
     write_stage(run / "negatives", "filter", [[
         {"prompt_id": x["prompt_id"], "sample_idx": i, "sim_to_target": s, "rank": r, "kept": k, "drop_reason": d}
-        for x, i, s, r, k, d in rows]], FILTER_SCHEMA)
+        for x, i, s, r, k, d in rows if (x["prompt_id"] in first_shard) == (shard == 0)] for shard in (0, 1)],
+        FILTER_SCHEMA)
     return run, p
 
 
