@@ -1,0 +1,228 @@
+"""train: prompt sharing equals the plain batch, every objective end to end, resume after SIGKILL, 2-process DDP.
+
+Real default model (smollm2-135m) everywhere a model is needed. The tiny runs are written with the store's writer
+(3 short-answer groups), so each test pays for model loading and a few steps only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from negalign.config import TrainConfig, validate
+from negalign.errors import UsageError
+from negalign.pair import PAIR_SCHEMA
+from negalign.store import PROMPTS_SCHEMA, StageOutput, read_manifest
+from negalign.train import truncate
+from tests.conftest import ROOT, negalign
+
+QA = [("What is the capital of France? Reply with only the name.", "Paris",
+       ["The capital of France is Paris.", "Lyon", "Marseille", "France's capital city is Paris, of course."]),
+      ("What is 7 + 5? Reply with only the number.", "12", ["The answer is 12.", "13", "11", "7 + 5 = 12"]),
+      ("What is the capital of Kenya? Reply with only the name.", "Nairobi",
+       ["Mombasa", "The capital of Kenya is Nairobi.", "Kisumu", "Nakuru"])]
+
+
+def make_run(run: Path, chat_template_sha: str | None = None) -> Path:
+    """RUN/prompts and RUN/pairs with 3 groups: target, 4 sampled negatives, 2 given negatives, anchors, y_ref."""
+    rows, groups = [], []
+    for i, (q, a, neg) in enumerate(QA):
+        msgs = [{"role": "user", "content": q}]
+        rows.append({"prompt_id": f"p{i}", "messages": msgs, "target": a, "negatives": neg[2:]})
+        groups.append({"prompt_id": f"p{i}", "messages": msgs, "chosen": a, "rejected": neg,
+                       "rejected_sim": [0.1] * 4, "rejected_idx": list(range(4)), "num_kept": 4,
+                       "anchors": neg[::-1], "negatives": neg[2:], "y_ref": neg[0]})
+    out = StageOutput.open(run / "prompts", "prompts", {"test": 1})
+    out.write_shard(0, pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA))
+    out.finish(1)
+    cfg = {"test": 1} if chat_template_sha is None else {"test": 1, "chat_template_sha": chat_template_sha}
+    out = StageOutput.open(run / "pairs", "pair", cfg)
+    out.write_shard(0, pa.Table.from_pylist(groups, schema=PAIR_SCHEMA))
+    out.finish(1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("train") / "run")
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------- pure parts
+
+def test_truncate_keeps_prompt_end_and_response_start():
+    prompt, responses = list(range(10)), [[100, 101, 102], list(range(200, 220))]
+    p, rs, cut = truncate(prompt, responses, 16)
+    assert cut == 1  # only prompt + the 20-token response exceeded 16
+    assert p == prompt[-8:]  # at least half the budget stays with the prompt, its END kept
+    assert rs == [[100, 101, 102], list(range(200, 208))]  # responses keep their START
+    assert truncate(prompt, responses[:1], 16) == (prompt, responses[:1], 0)
+
+
+def test_take_first_k_skips_and_counts():
+    from negalign.selection import take_first_k
+
+    keep, skipped = take_first_k([["a", "b"], ["a"], [], ["a", "b", "c"]], 2)
+    assert keep == [0, 3] and skipped == 2
+    with pytest.raises(ValueError):
+        take_first_k([["a"]], 0)
+
+
+def test_template_parity_refused_unless_allowed(tmp_path):
+    from negalign.store import open_stage
+    from negalign.train import check_template
+
+    run = make_run(tmp_path / "run", chat_template_sha="0123456789abcdef")
+    cfg = validate(TrainConfig(run=str(run)))
+    stage = open_stage(run / "pairs", "pair")
+    with pytest.raises(UsageError, match="chat template"):
+        check_template(cfg, stage, "fedcba9876543210")
+    cfg.allow_template_mismatch = True
+    assert check_template(cfg, stage, "fedcba9876543210") == "0123456789abcdef"
+    assert check_template(validate(TrainConfig(run=str(run))), stage, "0123456789abcdef") == "0123456789abcdef"
+
+
+# ----------------------------------------------------------------------------------------------- prompt sharing
+
+@pytest.mark.slow
+def test_prompt_sharing_equals_plain_batch_in_logps_and_gradients():
+    from negalign import models
+    from negalign.packing import pack, pad, sequence_logps
+
+    torch.manual_seed(0)
+    tok = models.load_tokenizer("smollm2-135m")
+    model = models.load_causal_lm("smollm2-135m")
+    groups = []
+    for q, a, neg in QA[:2]:
+        prompt = models.render_prompt_ids(tok, [{"role": "user", "content": q}])
+        groups.append((prompt, [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                                for t in [a, *neg]]))
+    from negalign import losses
+
+    results = []
+    for batch in (pack(groups), pad(groups, tok.pad_token_id)):
+        model.zero_grad()
+        logps, counts = sequence_logps(model, batch)
+        lp = logps.view(2, 5)
+        ref = torch.tensor([[-3.0, -12.0, -20.0, -15.0, -30.0], [-2.0, -9.0, -6.0, -5.5, -14.0]])
+        loss, _ = losses.sc(lp[:, 0], ref[:, 0], lp[:, 1:], ref[:, 1:], beta=0.1)  # the training loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logps.detach(), counts, grads))
+    (lp_a, n_a, g_a), (lp_b, n_b, g_b) = results
+    assert torch.equal(n_a, n_b) and n_a.tolist()[0] == len(groups[0][1][0])  # EOS counted, prompt not
+    torch.testing.assert_close(lp_a, lp_b, atol=1e-4, rtol=0)
+    torch.testing.assert_close(g_a, g_b, atol=1e-4, rtol=0)
+    assert g_a.abs().max() > 1e-2  # a real gradient, not zeros
+    assert pack(groups)["input_ids"].numel() < pad(groups)["attention_mask"].sum()  # the prompt went through once
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+def train(run: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return negalign("train", "--run", run, "--threads", "1", "--save-steps", "1000", *args, check=check, env=env,
+                    timeout=300)
+
+
+@pytest.mark.slow
+def test_sc_steps_lower_the_batch_loss_and_the_folder_loads(tiny_run):
+    """All 3 groups in one batch, 3 steps: the same batch's loss goes down. The folder loads and generates."""
+    proc = train(tiny_run, "--objective", "sc", "--num-negatives", "4", "--batch-size", "3", "--epochs", "3",
+                 "--lr", "2e-5", "--name", "sc-steps")
+    out = tiny_run / "models" / "sc-steps"
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 3 and losses[-1] < losses[0], proc.stderr
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 0
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "train" and manifest["status"] == "complete"
+    assert manifest["config"]["objective"] == "sc" and manifest["config"]["num_negatives"] == 4
+    assert manifest["config"]["beta"] == 0.1 and manifest["config"]["model_fingerprint"]
+    assert manifest["summary"]["steps"] == 3 and not (out / "checkpoints").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": QA[0][0]}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    again = train(tiny_run, "--objective", "sc", "--num-negatives", "4", "--batch-size", "3", "--epochs", "3",
+                  "--lr", "2e-5", "--name", "sc-steps")
+    assert "already complete" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective,extra", [
+    ("sft", ["--pairs", "PROMPTS"]), ("dpo", []), ("ipo", ["--num-negatives", "2"]), ("sc", ["--num-negatives", "2"]),
+    ("sr-dpo", ["--num-negatives", "2"]), ("sr-ipo", []), ("selm", ["--num-negatives", "2"]),
+    ("d2o", ["--num-anchors", "3", "--num-negatives", "2"]), ("dpo", ["--rejected", "given", "--sft-weight", "0.5"]),
+])
+def test_every_objective_runs_end_to_end(tiny_run, objective, extra):
+    extra = [str(tiny_run / "prompts") if e == "PROMPTS" else e for e in extra]
+    name = f"{objective}-{len(extra)}"
+    proc = train(tiny_run, "--objective", objective, "--max-steps", "2", "--batch-size", "2", "--name", name, *extra)
+    out = tiny_run / "models" / name
+    assert read_manifest(out)["status"] == "complete", proc.stderr
+    rows = [m for m in metrics(out) if "loss" in m]
+    assert len(rows) == 2 and all(m["loss"] == m["loss"] for m in rows)  # finite, not NaN
+    if objective != "sft":
+        assert "rewards/margin" in rows[0]
+        assert abs(rows[0]["rewards/chosen"]) < 1e-3  # step 1: policy == cached reference
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_lora_merges_into_a_plain_folder(tiny_run):
+    proc = train(tiny_run, "--objective", "sc", "--num-negatives", "2", "--max-steps", "1", "--lora", "--lr", "1e-3",
+                 "--name", "sc-lora")
+    out = tiny_run / "models" / "sc-lora"
+    assert read_manifest(out)["config"]["lora"] is True, proc.stderr
+    assert not (out / "adapter_config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    from negalign.models import load_causal_lm
+
+    trained, base = AutoModelForCausalLM.from_pretrained(out), load_causal_lm("smollm2-135m")
+    w, w0 = trained.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
+    assert w.shape == w0.shape and not torch.equal(w, w0)  # adapter merged into the weights
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_then_resume_ends_at_the_same_step(tmp_path):
+    run = make_run(tmp_path / "run")
+    args = ["--objective", "sc", "--num-negatives", "2", "--batch-size", "1", "--max-steps", "3", "--name", "r"]
+    killed = negalign("train", "--run", run, "--threads", "1", "--save-steps", "1", *args,
+                      env={"NEGALIGN_CRASH_AT": "checkpoint-save:2"}, timeout=300)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL in the middle of writing checkpoint-2
+    out = run / "models" / "r"
+    assert read_manifest(out)["status"] == "running"
+    assert (out / "checkpoints" / "checkpoint-2").exists()  # half-written
+    resumed = negalign("train", "--run", run, "--threads", "1", "--save-steps", "1", "--resume", *args,
+                       check=True, timeout=300)
+    assert "resuming from" in resumed.stderr and "checkpoint-1" in resumed.stderr
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["summary"]["steps"] == 3
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(tiny_run, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "negalign", "train", "--run",
+           str(tiny_run), "--objective", "sc", "--num-negatives", "2", "--batch-size", "1", "--max-steps", "2",
+           "--threads", "1", "--name", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(tiny_run / "models" / "ddp")
+    assert manifest["status"] == "complete" and manifest["summary"]["world_size"] == 2
