@@ -10,7 +10,16 @@ from rich.table import Table
 
 from negalign.console import console
 from negalign.errors import UsageError
-from negalign.store import LEGACY_MANIFEST, MANIFEST, StageInput, manifest_file, open_stage, read_manifest
+from negalign.store import (
+    LEGACY_MANIFEST,
+    MANIFEST,
+    StageInput,
+    damaged_shards,
+    manifest_file,
+    open_stage,
+    read_manifest,
+    stale_reason,
+)
 
 
 def histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float | None = None,
@@ -29,21 +38,40 @@ def histogram(values: np.ndarray, bins: int = 10, width: int = 40, lo: float | N
             for i, c in enumerate(counts)]
 
 
+def _shards_text(m: dict) -> str:
+    done = sum(1 for s in m["shards"].values() if s["status"] == "complete")
+    return f"{done}/{m['num_shards'] if m.get('num_shards') is not None else '?'}"
+
+
+def check(folder: Path, m: dict) -> str:
+    """"ok", or what is wrong with a stage output: damaged or missing shards (every byte is re-hashed), or an
+    upstream output that changed since it was built."""
+    bad = damaged_shards(folder, m)
+    if bad:
+        return f"damaged: {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}"
+    if m["status"] == "complete" and (why := stale_reason(StageInput(folder, m))):
+        return f"stale: {why}"
+    return "ok"
+
+
 def _overview(run: Path) -> None:
     table = Table(title=f"run {run}", title_justify="left")
-    for col in ("folder", "stage", "status", "shards", "rows", "fingerprint"):
+    for col in ("folder", "stage", "status", "shards", "rows", "fingerprint", "check"):
         table.add_column(col)
     found = False
-    folders = sorted({p.parent for name in (MANIFEST, LEGACY_MANIFEST) for p in run.rglob(name)})
+    folders = sorted({p.parent for name in (MANIFEST, LEGACY_MANIFEST) for p in run.rglob(name)
+                      if not any(part.startswith(".") for part in p.relative_to(run).parts)})  # no staging folders
     for folder in folders:
-        m = read_manifest(folder)
-        if m is None:
-            continue
         found = True
-        done = sum(1 for s in m["shards"].values() if s["status"] == "complete")
+        try:
+            m = read_manifest(folder)
+        except UsageError:
+            table.add_row(str(folder.relative_to(run)), "?", "?", "?", "?", "-", "broken manifest")
+            continue
+        assert m is not None
         rows = sum(s["rows"] for s in m["shards"].values())
-        table.add_row(str(folder.relative_to(run)), m["stage"], m["status"], f"{done}/{m.get('num_shards')}",
-                      f"{rows:,}", m.get("fingerprint", "-"))
+        table.add_row(str(folder.relative_to(run)), m["stage"], m["status"], _shards_text(m), f"{rows:,}",
+                      m.get("fingerprint", "-"), check(folder, m))
     if not found:
         raise UsageError(f"{run}: no stage outputs here (no {MANIFEST})")
     console.print(table)
@@ -89,10 +117,13 @@ def show(path: Path, examples: int = 3) -> None:
     if manifest_file(path) is not None:
         m = read_manifest(path)
         assert m is not None
+        problem = check(path, m)
+        if problem != "ok":
+            console.print(f"[red]{path}: {problem}[/red]")
         if m["status"] != "complete":
-            console.print(f"{path}: stage {m['stage']} is not finished "
-                          f"({sum(1 for s in m['shards'].values() if s['status'] == 'complete')} shards done)")
+            console.print(f"{path}: stage {m['stage']} is not finished ({_shards_text(m)} shards done)")
             return
-        _stage_details(open_stage(path), examples)
+        if not problem.startswith("damaged"):
+            _stage_details(open_stage(path, check_lineage=False), examples)
     else:
         _overview(path)

@@ -340,8 +340,7 @@ def _rerun_plan(x: StageInput, changed: set[str]) -> str:
     stages = {rel: e["stage"] for rel, e in x.lineage.items()} | {".": x.stage}
     todo = sorted((rel for rel in stages if rel not in changed and _ancestors(x, rel) & changed),
                   key=lambda rel: len(_ancestors(x, rel)))
-    return ", then ".join(f"`negalign {command_of(stages[rel])}`" + (" with --overwrite" if i == 0 else "")
-                          for i, rel in enumerate(todo))
+    return ", then ".join(f"`negalign {command_of(stages[rel])} --overwrite`" for rel in todo)
 
 
 def stale_reason(x: StageInput) -> str | None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from negalign.errors import BadInput, UsageError
+from negalign.errors import BadInput, NegalignError, UsageError
 from negalign.store import MANIFEST, StageOutput, my_shards, open_stage, shard_name
 
 
@@ -104,3 +108,244 @@ def test_shard_parallel_split_is_disjoint_and_complete() -> None:
     assert sorted(s for p in parts for s in p) == list(range(10))
     with pytest.raises(UsageError):
         my_shards(10, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------------ issue 8 / 14
+# A writer in its own process, so that it can be killed (NEGALIGN_CRASH_AT) or hold the output while we try ours.
+WRITER = """
+import json, sys, time
+from pathlib import Path
+import pyarrow as pa
+from negalign.store import StageOutput
+path, config, shards, hold = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[5]
+overwrite = sys.argv[4] == "1"
+out = StageOutput.open(path, "toy", config, {"input": "abc"}, overwrite=overwrite)
+for s in range(shards):
+    if not out.done(s):
+        out.write_shard(s, pa.table({"prompt_id": [f"p{i}" for i in range(10 * s, 10 * s + 10)],
+                                     "x": [config.get("a", 0) * 1000 + i for i in range(10 * s, 10 * s + 10)]}))
+    if hold and s == 0:
+        Path(hold).write_text("holding")
+        while Path(hold).exists():
+            time.sleep(0.05)
+print("finished", out.finish(shards))
+"""
+
+
+def _writer(path: Path, config: dict, shards: int = 3, overwrite: bool = False, crash: str = "",
+            hold: Path | None = None, wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    args = [sys.executable, "-c", WRITER, str(path), json.dumps(config), str(shards), "1" if overwrite else "0",
+            str(hold or "")]
+    env = {**os.environ, "NEGALIGN_CRASH_AT": crash}
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _rows(path: Path) -> list[int]:
+    return open_stage(path, "toy").read().column("x").to_pylist()
+
+
+def _wait_for(file: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while not file.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.05)
+
+
+def test_stage_folders_read_with_pandas_polars_duckdb(tmp_path: Path) -> None:
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    _write_all(tmp_path / "o", {"a": 1})
+    assert (tmp_path / "o" / "_manifest.json").exists() and not (tmp_path / "o" / "manifest.json").exists()
+    assert len(pd.read_parquet(tmp_path / "o")) == 30
+    assert pl.scan_parquet(str(tmp_path / "o" / "*.parquet")).collect().height == 30
+    assert duckdb.sql(f"select count(*) from '{tmp_path / 'o'}/*.parquet'").fetchall() == [(30,)]
+
+
+def test_legacy_manifest_name_is_read_and_renamed_on_write(tmp_path: Path) -> None:
+    _write_all(tmp_path / "o", {"a": 1})
+    (tmp_path / "o" / MANIFEST).rename(tmp_path / "o" / "manifest.json")  # a folder written before the rename
+    assert open_stage(tmp_path / "o", "toy").num_rows == 30
+    _, written = _write_all(tmp_path / "o", {"a": 1})
+    assert written == [] and (tmp_path / "o" / MANIFEST).exists() and not (tmp_path / "o" / "manifest.json").exists()
+
+
+def _flip_readable_bit(f: Path) -> None:
+    """Flip one bit of a shard such that Parquet still reads it, as different data (found by trying)."""
+    data, before = f.read_bytes(), pq.read_table(f)
+    for pos in range(4, len(data) - 8):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x01
+        try:
+            after = pq.read_table(pa.BufferReader(bytes(flipped)))
+        except Exception:  # noqa: BLE001 - most flips make the file unreadable; we want one that does not
+            continue
+        if after.schema == before.schema and not after.equals(before):
+            f.write_bytes(bytes(flipped))
+            return
+    raise AssertionError("no readable flip found")
+
+
+def test_flipped_bit_is_refused_on_read_flagged_by_inspect_and_redone(tmp_path: Path) -> None:
+    _write_all(tmp_path / "o", {"a": 1})
+    f = tmp_path / "o" / shard_name(1)
+    _flip_readable_bit(f)
+    stage = open_stage(tmp_path / "o", "toy")  # cheap open; the check happens on the bytes that are read
+    with pytest.raises(NegalignError, match=r"part-00001.parquet: damaged \(sha256"):
+        stage.read()
+    assert stage.read_shard(0).num_rows == 10
+    proc = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert "damaged" in proc.stdout + proc.stderr and "part-00001" in proc.stdout + proc.stderr
+    _, written = _write_all(tmp_path / "o", {"a": 1})
+    assert written == [1] and _rows(tmp_path / "o") == list(range(30))
+
+
+def test_unlisted_shards_are_never_read(tmp_path: Path) -> None:
+    _write_all(tmp_path / "o", {"a": 1})
+    pq.write_table(_table(90, 10), tmp_path / "o" / shard_name(3))  # a stray file, not in the manifest
+    stage = open_stage(tmp_path / "o", "toy")
+    assert stage.num_rows == 30 and stage.read().num_rows == 30
+    with pytest.raises(NegalignError, match="not listed"):
+        stage.read_shard(3)
+
+
+@pytest.mark.parametrize("point", ["shard-tmp-written", "shard-renamed", "manifest-tmp-written", "between-shards"])
+def test_kill_at_each_point_then_resume(tmp_path: Path, point: str) -> None:
+    killed = _writer(tmp_path / "o", {"a": 1}, crash=f"{point}:2")
+    assert killed.returncode == -9, killed.stderr
+    with pytest.raises(UsageError, match="not finished"):
+        open_stage(tmp_path / "o", "toy")
+    done = _writer(tmp_path / "o", {"a": 1})
+    assert done.returncode == 0 and "finished True" in done.stdout, done.stderr
+    assert _rows(tmp_path / "o") == [1000 + i for i in range(30)]
+    # The killed writer's temporary files are removed when the output is next opened for writing.
+    assert not [p for p in (tmp_path / "o").iterdir() if ".tmp-" in p.name]
+
+
+def test_rerun_killed_after_rewriting_a_shard_is_not_complete(tmp_path: Path) -> None:
+    _writer(tmp_path / "o", {"a": 1})
+    f = tmp_path / "o" / shard_name(1)
+    f.write_bytes(f.read_bytes()[:50])  # damaged: the re-run redoes it
+    killed = _writer(tmp_path / "o", {"a": 1}, crash="shard-renamed")
+    assert killed.returncode == -9
+    manifest = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert manifest["status"] == "running" and "fingerprint" not in manifest
+    with pytest.raises(UsageError, match="not finished"):
+        open_stage(tmp_path / "o", "toy")
+
+
+@pytest.mark.parametrize("how", ["error", "kill", "kill-mid-swap"])
+def test_failed_or_killed_overwrite_keeps_the_old_output(tmp_path: Path, how: str) -> None:
+    _writer(tmp_path / "o", {"a": 1})
+    before = _rows(tmp_path / "o")
+    if how == "error":  # fails after writing a shard, as a run that dies on bad data would
+        out = StageOutput.open(tmp_path / "o", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+        out.write_shard(0, _table(2000, 10))
+    else:
+        crash = "between-shards:2" if how == "kill" else "swap-half-done"
+        assert _writer(tmp_path / "o", {"a": 2}, overwrite=True, crash=crash).returncode == -9
+    if how != "kill-mid-swap":
+        assert _rows(tmp_path / "o") == before  # untouched, and still complete
+        assert json.loads((tmp_path / "o" / MANIFEST).read_text())["config"] == {"a": 1}
+    # Re-running the new config completes it (resuming the staging folder) and swaps it in.
+    done = _writer(tmp_path / "o", {"a": 2}, overwrite=True)
+    assert done.returncode == 0, done.stderr
+    assert _rows(tmp_path / "o") == [2000 + i for i in range(30)]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["o"]  # no staging or old folder left
+
+
+def test_overwrite_with_shard_parallel_workers_shares_one_staging_folder(tmp_path: Path) -> None:
+    _writer(tmp_path / "o", {"a": 1})
+    for worker in (0, 1):  # two workers of the new config, each doing its own shards, both with --overwrite
+        out = StageOutput.open(tmp_path / "o", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+        assert out.path != out.final
+        for s in my_shards(3, worker, 2):
+            out.write_shard(s, _table(10 * s, 10))
+        assert out.finish(3) == (worker == 1)
+        if worker == 0:
+            assert _rows(tmp_path / "o")[0] == 1000  # the old output stays until the new one is complete
+    assert open_stage(tmp_path / "o", "toy").config == {"a": 2}
+    # A late worker of the same config finds the new output in place and has nothing to do.
+    late = StageOutput.open(tmp_path / "o", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+    assert late.path == late.final and all(late.done(s) for s in range(3))
+    late.finish(3)
+
+
+def test_concurrent_other_config_is_refused_and_a_dead_holder_is_stale(tmp_path: Path) -> None:
+    hold = tmp_path / "holding"
+    holder = _writer(tmp_path / "o", {"a": 1}, hold=hold, wait=False)
+    _wait_for(hold, holder)
+    with pytest.raises(UsageError, match=rf"in use by pid {holder.pid} on .* since .*another config \(a: 1 -> 2\)"):
+        StageOutput.open(tmp_path / "o", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+    # A worker of the same config may share the output.
+    same = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    same.finish(3)
+    holder.kill()  # SIGKILL: its flock goes with it
+    holder.wait()
+    hold.unlink()
+    done = _writer(tmp_path / "o", {"a": 2}, overwrite=True)
+    assert done.returncode == 0, done.stderr
+    assert _rows(tmp_path / "o") == [2000 + i for i in range(30)]
+
+
+BROKEN = {
+    "truncated": lambda text: text[: len(text) // 2],
+    "list": lambda text: "[]",
+    "no fingerprint": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "fingerprint"}),
+    "no shards": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "shards"}),
+    "no status": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "status"}),
+    "stub": lambda text: json.dumps({**json.loads(text), "shards": {shard_name(0): json.loads(text)["shards"][
+        shard_name(0)]}}),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_broken_manifest_one_line_and_overwrite_replaces_it(tmp_path: Path, kind: str) -> None:
+    _write_all(tmp_path / "o", {"a": 1})
+    m = tmp_path / "o" / MANIFEST
+    m.write_text(BROKEN[kind](m.read_text()))
+    with pytest.raises(UsageError, match=r"broken manifest \(.*\); re-run .* with --overwrite") as e:
+        open_stage(tmp_path / "o", "toy")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="broken manifest"):
+        StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    proc = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path / "o")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "broken manifest" in proc.stderr and "Traceback" not in proc.stderr
+    _, written = _write_all(tmp_path / "o", {"a": 1}, overwrite=True)
+    assert written == [0, 1, 2] and _rows(tmp_path / "o") == list(range(30))
+
+
+def test_non_main_rank_never_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_all(tmp_path / "o", {"a": 1})
+    before = (tmp_path / "o" / MANIFEST).read_text()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("NEGALIGN_RANK_WAIT_S", "0.1")
+    out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"}, overwrite=True)
+    assert all(out.done(s) for s in range(3)) and out.finish(3)
+    assert (tmp_path / "o" / MANIFEST).read_text() == before
+    with pytest.raises(NegalignError, match="rank 0"):  # waits for rank 0's output of this config; none comes
+        StageOutput.open(tmp_path / "o", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+    assert (tmp_path / "o" / MANIFEST).read_text() == before and not list(tmp_path.glob(".o.new-*"))
+
+
+def test_dotdot_path_makes_no_stray_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = StageOutput.open(Path("dd/../dd2/samples"), "toy", {"a": 1})
+    out.finish(0)
+    assert (tmp_path / "dd2" / "samples" / MANIFEST).exists() and not (tmp_path / "dd").exists()
+
+
+def test_inspect_shows_unknown_shard_total(tmp_path: Path) -> None:
+    out = StageOutput.open(tmp_path / "run" / "o", "toy", {"a": 1})
+    out.write_shard(0, _table(0, 10))  # killed before finish: the total is not known yet
+    out._lock.release()
+    proc = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path / "run")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "1/?" in proc.stdout + proc.stderr and "None" not in proc.stdout + proc.stderr
