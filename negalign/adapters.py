@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass
 from typing import Any
 
@@ -376,8 +376,13 @@ def _task(row: dict, task_field: str | None) -> str | None:
 
 
 def convert_rows(rows: Iterable[dict], fmt: str, fields: FieldNames | None = None, *, source: str,
-                 on_bad_row: str = "fail", task_field: str | None = None) -> tuple[list[Record], dict[str, int]]:
-    """Convert rows (numbered from 0) of format `fmt`; returns (records, {reason: skipped rows}).
+                 on_bad_row: str = "fail", task_field: str | None = None, row_numbers: Sequence[int] | None = None,
+                 max_prompt_chars: int | None = None) -> tuple[list[Record], dict[str, int]]:
+    """Convert rows of format `fmt`; returns (records, {reason: skipped rows}).
+
+    Rows are named in errors by `row_numbers[i]` (JSONL: the line number an editor shows), else from 0.
+    A prompt whose turns hold more than `max_prompt_chars` characters in all is skipped and counted
+    (`prompt_too_long`) in either mode: it is well-formed, just unusable.
 
     A record gets `task` when the row has one: column `task_field` (default: `task` when the row has it).
 
@@ -396,6 +401,9 @@ def convert_rows(rows: Iterable[dict], fmt: str, fields: FieldNames | None = Non
             if not isinstance(row, dict):
                 raise _Bad("wrong_type", None, f"a row must be an object, got {type(row).__name__}")
             record, task = convert(row, fields), _task(row, task_field)
+            chars = sum(len(m["content"]) for m in record["messages"])
+            if max_prompt_chars is not None and chars > max_prompt_chars:
+                raise _Skip("prompt_too_long", None, f"{chars} characters")
             if task is not None:
                 record["task"] = task
             records.append(record)
@@ -405,8 +413,8 @@ def convert_rows(rows: Iterable[dict], fmt: str, fields: FieldNames | None = Non
             if on_bad_row == "skip":
                 skipped[bad.reason] += 1
             else:
-                raise BadInput(f"{bad.detail} [{fmt}: {bad.reason}]", file=source, row=i,
-                               column=bad.column) from None
+                raise BadInput(f"{bad.detail} [{fmt}: {bad.reason}]", file=source,
+                               row=row_numbers[i] if row_numbers is not None else i, column=bad.column) from None
     return records, dict(skipped)
 
 

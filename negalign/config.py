@@ -69,6 +69,8 @@ class PrepareConfig(Common):
     on_bad_row: str = opt("fail", "fail: stop at the first malformed row; skip: skip it and count the reason.",
                           choices=("fail", "skip"))
     shard_size: int = opt(10000, "Prompts per output shard.", min=1)
+    max_prompt_chars: int = opt(65536, "Prompts longer than this many characters (all turns) are skipped and "
+                                       "counted.", min=1)
 
 
 @dataclass

@@ -6,8 +6,11 @@ prompt gets the same id in every run. Duplicate prompts collapse into the first;
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,61 @@ def _data_files(path: Path) -> list[Path]:
     return files
 
 
-def read_rows(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
-    """[(file, rows)] for a Parquet file, a JSONL file, a `datasets` save_to_disk folder, or a folder of files."""
+@dataclass
+class InputFile:
+    """The rows of one input file; `row_numbers[i]` names row i in errors (JSONL: its line number, from 1)."""
+
+    file: str
+    rows: list[dict[str, Any]]
+    row_numbers: list[int] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def _one_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_jsonl(f: Path, on_bad_row: str) -> InputFile:
+    """A JSONL file, line by line: rows are numbered by line (1-based, as an editor shows), a UTF-8 BOM is accepted.
+
+    A line that is not UTF-8, not JSON or not an object is a bad row (`not_utf8`, `invalid_json`, `not_an_object`):
+    BadInput naming its line, or, with on_bad_row="skip", skipped and counted like any other bad row.
+    """
+    out = InputFile(str(f), [], [])
+    skipped: Counter[str] = Counter()
+    with open(f, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            reason = detail = None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason, detail = "not_utf8", f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+            else:
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    reason, detail = "invalid_json", f"not valid JSON ({e.msg} at character {e.colno})"
+                else:
+                    if not isinstance(row, dict):
+                        reason, detail = "not_an_object", f"each line must be a JSON object, not {type(row).__name__}"
+            if reason is None:
+                out.rows.append(row)
+                out.row_numbers.append(line_no)
+            elif on_bad_row == "skip":
+                skipped[reason] += 1
+            else:
+                raise BadInput(f"{detail} [{reason}]", file=str(f), row=line_no)
+    out.skipped = dict(skipped)
+    return out
+
+
+def read_rows(path: Path, on_bad_row: str = "fail") -> list[InputFile]:
+    """The rows of a Parquet file, a JSONL file, a `datasets` save_to_disk folder, or a folder of such files."""
     if not path.exists():
         raise BadInput("input not found", file=str(path))
     if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "state.json").exists()
@@ -52,35 +108,24 @@ def read_rows(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # noqa: BLE001 — any failure here means the folder is unreadable
-            raise BadInput(f"unreadable datasets folder ({e})", file=str(path)) from e
+            raise BadInput(f"unreadable datasets folder ({_one_line(e)})", file=str(path)) from e
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise BadInput(f"DatasetDict without a 'train' split (splits: {list(ds)})", file=str(path))
             ds = ds["train"]
-        return [(str(path), ds.to_list())]
+        return [InputFile(str(path), ds.to_list())]
     out = []
     for f in _data_files(path):
         if f.suffix == ".parquet":
             try:
-                out.append((str(f), pq.read_table(f).to_pylist()))
+                out.append(InputFile(str(f), pq.read_table(f).to_pylist()))
             except Exception as e:  # noqa: BLE001
-                raise BadInput(f"unreadable Parquet file ({e})", file=str(f)) from e
+                raise BadInput(f"unreadable Parquet file ({_one_line(e)})", file=str(f)) from e
         elif f.suffix in (".jsonl", ".json"):
-            rows = []
-            with open(f, encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadInput(f"not valid JSON ({e.msg})", file=str(f), row=len(rows)) from e
-                    if not isinstance(row, dict):
-                        raise BadInput("each line must be a JSON object", file=str(f), row=len(rows))
-                    rows.append(row)
-            out.append((str(f), rows))
+            out.append(_read_jsonl(f, on_bad_row))
         else:
-            raise BadInput("unsupported file type (use .parquet, .jsonl or a datasets folder)", file=str(f))
+            raise BadInput(f"unsupported file type '{f.suffix}' (use .parquet, .jsonl or a datasets folder)",
+                           file=str(f))
     return out
 
 
@@ -96,7 +141,13 @@ def build_prompts(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, A
                                  negatives=cfg.negatives_field)
     by_id: dict[str, dict[str, Any]] = {}
     summary: dict[str, Any] = {"input_rows": 0, "bad_rows": {}, "duplicates": 0}
-    for source, rows in read_rows(Path(cfg.input)):
+    for part in read_rows(Path(cfg.input), cfg.on_bad_row):
+        source, rows = part.file, part.rows
+        summary["input_rows"] += len(rows) + sum(part.skipped.values())
+        for reason, n in part.skipped.items():
+            summary["bad_rows"][reason] = summary["bad_rows"].get(reason, 0) + n
+        if not rows:
+            continue
         fmt = cfg.format
         if fmt == "auto":
             columns = list(rows[0].keys()) if rows else []
@@ -106,8 +157,8 @@ def build_prompts(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, A
             raise UsageError(f"unknown --format '{fmt}' (choose from auto, {', '.join(adapters.FORMATS)})")
         summary["format"] = fmt
         records, bad = adapters.convert_rows(rows, fmt, fields, source=source, on_bad_row=cfg.on_bad_row,
-                                             task_field=getattr(cfg, "task_field", None))
-        summary["input_rows"] += len(rows)
+                                             task_field=getattr(cfg, "task_field", None),
+                                             row_numbers=part.row_numbers, max_prompt_chars=cfg.max_prompt_chars)
         for reason, n in bad.items():
             summary["bad_rows"][reason] = summary["bad_rows"].get(reason, 0) + n
         for rec in records:
@@ -130,13 +181,16 @@ def build_prompts(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], dict[str, A
             by_id[pid] = {"prompt_id": pid, "messages": messages, "target": rec.get("target"),
                           "negatives": list(negatives) if negatives is not None else None,
                           "task": rec.get("task")}
+    if summary["input_rows"] == 0:
+        raise BadInput("the input has no rows (empty file)", file=str(cfg.input))
     if not by_id:
-        raise BadInput("no usable prompts in the input", file=str(cfg.input))
+        bad = ", ".join(f"{k}: {v}" for k, v in summary["bad_rows"].items())
+        raise BadInput(f"no usable prompts in the input (skipped: {bad or 'none'})", file=str(cfg.input))
     return list(by_id.values()), summary
 
 
 def _write(records: list[dict[str, Any]], out_dir: Path, cfg: PrepareConfig, inputs: dict[str, str],
-           stage_config: dict[str, Any]) -> None:
+           stage_config: dict[str, Any], bad_rows: dict[str, int]) -> None:
     out = StageOutput.open(out_dir, "prompts", stage_config, inputs, overwrite=cfg.overwrite)
     num_shards = max(1, -(-len(records) // cfg.shard_size))
     for s in range(num_shards):
@@ -147,7 +201,8 @@ def _write(records: list[dict[str, Any]], out_dir: Path, cfg: PrepareConfig, inp
         out.write_shard(s, table, {"first_prompt_id": chunk[0]["prompt_id"] if chunk else None})
     out.finish(num_shards, summary={"prompts": len(records),
                                     "with_target": sum(r["target"] is not None for r in records),
-                                    "with_negatives": sum(bool(r["negatives"]) for r in records)})
+                                    "with_negatives": sum(bool(r["negatives"]) for r in records),
+                                    "bad_rows": bad_rows})
 
 
 def run(cfg: PrepareConfig) -> None:
@@ -166,13 +221,15 @@ def run(cfg: PrepareConfig) -> None:
                                                  "shard_size", "seed")}
     if getattr(cfg, "task_field", None):  # only when set, so runs prepared before the option keep their fingerprint
         stage_config["task_field"] = cfg.task_field
+    if cfg.max_prompt_chars != PrepareConfig.max_prompt_chars:  # likewise, only when not the default
+        stage_config["max_prompt_chars"] = cfg.max_prompt_chars
     train = [r for r in records if not is_test(r["prompt_id"], cfg.test_fraction, cfg.seed)]
     test = [r for r in records if is_test(r["prompt_id"], cfg.test_fraction, cfg.seed)]
     if not train:
         raise UsageError("--test-fraction leaves no training prompts")
-    _write(train, run_path(cfg, "prompts"), cfg, {"input": input_fp}, stage_config)
+    _write(train, run_path(cfg, "prompts"), cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
     if cfg.test_fraction > 0:
-        _write(test, run_path(cfg, "prompts_test"), cfg, {"input": input_fp}, stage_config)
+        _write(test, run_path(cfg, "prompts_test"), cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
     n_neg = sum(len(r["negatives"] or []) for r in records)
     bad = ", ".join(f"{k}: {v}" for k, v in summary["bad_rows"].items()) or "none"
     console.print(

@@ -78,7 +78,7 @@ def test_unreadable_and_missing_files_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "unreadable Parquet" in proc.stderr and "broken.parquet" in proc.stderr
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "target": "b"}\n{"prompt": \n')
     proc = negalign("prepare", "--run", tmp_path / "r", "--input", tmp_path / "broken.jsonl")
-    assert proc.returncode == 2 and "row 1" in proc.stderr and "not valid JSON" in proc.stderr
+    assert proc.returncode == 2 and "row 2" in proc.stderr and "not valid JSON" in proc.stderr
     proc = negalign("prepare", "--run", tmp_path / "r", "--input", tmp_path / "nope.jsonl")
     assert proc.returncode == 2 and "not found" in proc.stderr
 

@@ -1,0 +1,201 @@
+"""Crash harness: kill a stage with SIGKILL at a drawn point, re-run it, and compare with an uninterrupted run.
+
+One trial of stage S:
+1. copy S's inputs from a base run that was built once (the base run's own output of S is the clean result);
+2. run S's CLI in a separate process and SIGKILL it at a point drawn from a seeded RNG: either a named crash
+   point of `negalign.faults` (`NEGALIGN_CRASH_AT=name:N`, the N-th time the point is reached, N drawn from the
+   number of hits counted in the clean run), or a delay drawn between 0 and the clean run's duration;
+3. check what the kill left on disk: the manifest parses, and every shard it lists as complete is there with its
+   sha256 (a half-written shard is never taken as complete);
+4. in a quarter of the named-point trials, kill the first re-run too (a crash during recovery);
+5. re-run S to the end and compare the result with the clean run: the rows of every shard (sorted), the manifest
+   without timings and timestamps, and the list of files (no leftover temporary files).
+
+Processes are forked from `zygote.py`, which has imported torch and friends once: a separate process per run,
+killed for real, without paying 10-20 s of imports each time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from negalign.store import canonical_json, manifest_file, sha256_file
+
+ROOT = Path(__file__).resolve().parents[2]
+ZYGOTE = Path(__file__).with_name("zygote.py")
+SIGKILLED = -9
+#: manifest keys that legitimately differ between two runs of the same work
+VOLATILE = {"timings", "created_at", "updated_at", "written_at", "started_at", "finished_at", "last_run_s"}
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+class Zygote:
+    """Client of the fork server (zygote.py): `run(args)` runs `negalign ARGS` in a new process."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=env)
+        ready = self.proc.stdout.readline()
+        assert json.loads(ready) == {"ready": True}, ready
+
+    def run(self, args: list[Any], *, log: Path, env: dict[str, str] | None = None, kill_after: float | None = None,
+            count_file: Path | None = None, timeout: float = 600) -> int:
+        """Exit code of `negalign ARGS` (negative: killed by that signal); `kill_after` SIGKILLs it after a delay."""
+        request = {"args": [str(a) for a in args], "env": env or {}, "log": str(log),
+                   "kill_after": timeout if kill_after is None else kill_after,
+                   "count_file": str(count_file) if count_file else None}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        return answer["returncode"]
+
+    def cli(self, *args: Any, log: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+        """(exit code, everything it printed) of `negalign ARGS` run to the end."""
+        log.unlink(missing_ok=True)
+        code = self.run(list(args), log=log, env=env)
+        return code, log.read_text(errors="replace")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _sorted_rows(files: list[Path]) -> list[str]:
+    rows = [canonical_json(r) for f in files for r in pq.read_table(f).to_pylist()]
+    return sorted(rows)
+
+
+def snapshot(path: Path) -> dict[str, Any]:
+    """What must be equal after crash + resume: sorted rows, manifest minus timings, the files present."""
+    path = Path(path)
+    if path.is_file():  # a side output such as pair --export-trl
+        return {"rows": _sorted_rows([path])}
+    mf = manifest_file(path)
+    assert mf is not None, f"{path}: no manifest"
+    manifest = json.loads(mf.read_text())
+    shards = [path / name for name in sorted(manifest["shards"])]
+    return {"manifest": _strip(manifest), "rows": _sorted_rows(shards),
+            "files": sorted(p.name for p in path.iterdir() if not p.name.endswith(".lock"))}
+
+
+def check_consistent(path: Path) -> None:
+    """After a kill: the manifest (if any) parses and every shard it calls complete is intact."""
+    mf = manifest_file(path) if Path(path).is_dir() else None
+    if mf is None:
+        return
+    manifest = json.loads(mf.read_text())
+    for name, entry in manifest["shards"].items():
+        if entry.get("status") == "complete":
+            assert (path / name).exists(), f"{path / name}: listed complete but missing"
+            assert sha256_file(path / name) == entry["sha256"], f"{path / name}: listed complete but damaged"
+            pq.read_table(path / name)
+    if manifest.get("status") == "complete":
+        for name in manifest["shards"]:
+            assert manifest["shards"][name]["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+@dataclass
+class Stage:
+    """A stage command as run in the matrix. `{run}` in args is replaced by the trial's run directory."""
+
+    name: str
+    args: list[str]
+    outputs: list[str]  # folders (or files) under the run directory it writes
+    inputs: list[str] = field(default_factory=list)  # what it reads from the base run (copied per trial)
+
+    def argv(self, run: Path) -> list[str]:
+        return [a.replace("{run}", str(run)) for a in self.args]
+
+
+@dataclass
+class Clean:
+    """The uninterrupted run of a stage: its snapshots, its duration, and how often each crash point was hit."""
+
+    snapshots: dict[str, dict[str, Any]]
+    seconds: float
+    hits: dict[str, int]
+
+
+def run_clean(zygote: Zygote, stage: Stage, run: Path) -> Clean:
+    import time
+
+    count_file = run.parent / f"{stage.name}.hits.json"
+    log = run.parent / f"{stage.name}.clean.log"
+    start = time.monotonic()
+    code = zygote.run(stage.argv(run), log=log, count_file=count_file)
+    seconds = time.monotonic() - start
+    assert code == 0, f"clean {stage.name} failed ({code}):\n{log.read_text()[-3000:]}"
+    hits = json.loads(count_file.read_text())
+    assert hits, f"{stage.name} reached no crash point"
+    return Clean({o: snapshot(run / o) for o in stage.outputs}, seconds, hits)
+
+
+def draw_point(rng: random.Random, hits: dict[str, int]) -> str:
+    point = rng.choice(sorted(p for p, n in hits.items() if n > 0))
+    return f"{point}:{rng.randint(1, hits[point])}"
+
+
+def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path, seed: int) -> dict[str, Any]:
+    """One crash trial; returns what was done (for the report). Fails the test on any difference."""
+    rng = random.Random(f"{stage.name}:{seed}")
+    run = workdir / "run"
+    for name in stage.inputs:
+        src = base / name
+        if src.is_dir():
+            shutil.copytree(src, run / name)
+        elif src.exists():
+            run.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, run / name)
+    log = workdir / "log.txt"
+    if rng.random() < 0.25:
+        delay = rng.uniform(0.0, clean.seconds)
+        code = zygote.run(stage.argv(run), log=log, kill_after=delay)
+        what = {"kill": f"after {delay:.2f}s", "killed": code == SIGKILLED}
+        assert code in (0, SIGKILLED), f"{stage.name} exited {code}:\n{log.read_text()[-3000:]}"
+    else:
+        point = draw_point(rng, clean.hits)
+        code = zygote.run(stage.argv(run), log=log, env={"NEGALIGN_CRASH_AT": point})
+        what = {"kill": point, "killed": code == SIGKILLED}
+        assert code == SIGKILLED, f"{stage.name} with NEGALIGN_CRASH_AT={point} exited {code}, not killed:\n" \
+                                  f"{log.read_text()[-3000:]}"
+        if rng.random() < 0.25:  # crash again while recovering
+            second = draw_point(rng, clean.hits)
+            code = zygote.run(stage.argv(run), log=log, env={"NEGALIGN_CRASH_AT": second})
+            what["second_kill"] = second
+            assert code in (0, SIGKILLED), f"{stage.name} re-run exited {code}:\n{log.read_text()[-3000:]}"
+    for out in stage.outputs:
+        check_consistent(run / out)
+    code = zygote.run(stage.argv(run), log=log)
+    assert code == 0, f"{stage.name} resume after {what} exited {code}:\n{log.read_text()[-3000:]}"
+    for out in stage.outputs:
+        got = snapshot(run / out)
+        want = clean.snapshots[out]
+        assert got.get("files") == want.get("files"), f"{out} after {what}: files {got.get('files')}"
+        assert got["rows"] == want["rows"], f"{out} after {what}: rows differ from the clean run"
+        assert got.get("manifest") == want.get("manifest"), f"{out} after {what}: manifest differs"
+    return what
