@@ -70,9 +70,10 @@ class SliceConfig:
     run: str = "runs/exp"
     seed: int = 0
     prompts: str | None = None  # default: RUN/prompts
-    out: str | None = None
+    out: str | None = None  # default: RUN/STEP_NAME
     start: int = 0
     stop: int | None = None
+    count: int | None = None  # stop = start + count
     overwrite: bool = False
 
 
@@ -213,6 +214,7 @@ class Pipeline:
         self.run = Path(str(_substitute(top["run"], self.variables, str(path))))
         self.seed = int(top["seed"])
         self.variables.setdefault("run", str(self.run))
+        self.defaults = _substitute(self.defaults, self.variables, f"{path}: defaults")
         self.steps: list[Step] = []
         for raw in raw_steps:
             if not isinstance(raw, dict):
@@ -261,8 +263,10 @@ class Pipeline:
         for combo in combos:
             name = prefix + (_sweep_name(base, combo) if combo else base)
             opts = {k: _fill(v, combo) for k, v in {**options, **combo}.items()}
+            if stage == "slice" and not opts.get("out"):
+                opts["out"] = str(Path(opts["run"]) / name[len(prefix):].replace("/", "-"))  # RUN/STEP
             if stage in ("train", "eval") and "name" in known and not opts.get("name"):
-                opts["name"] = name.replace("/", "-")
+                opts["name"] = name[len(prefix):].replace("/", "-")  # a round's models live in its own run
             step = Step(name, stage, opts, after=[prefix + a for a in raw.get("after", [])] + (after or []))
             self.steps.append(step)
             made.append(step)
@@ -387,9 +391,9 @@ class Pipeline:
         if step.stage == "sample":
             return [at("out", "greedy" if o.get("greedy") else "samples")]
         if step.stage == "train":
-            return [_norm(run / "models" / str(o.get("name") or o.get("objective") or "sc"))]
+            return [at("out", f"models/{o.get('name') or o.get('objective') or 'sc'}")]
         if step.stage == "eval":
-            return [_norm(run / "eval" / str(o.get("name") or Path(str(o.get("model"))).name))]
+            return [at("out", f"eval/{o.get('name') or Path(str(o.get('model'))).name}")]
         default = {"embed": "embeddings", "filter": "negatives", "pair": "pairs", "report": "report",
                    "slice": "prompts", "rank": "pairs_ranked"}[step.stage]
         return [at("out", default)]
@@ -405,26 +409,35 @@ class Pipeline:
             "sample": [("prompts", "prompts")], "embed": [("samples", "samples"), ("prompts", "prompts")],
             "filter": [("embeddings", "embeddings"), ("samples", "samples")],
             "pair": [("negatives", "negatives"), ("samples", "samples"), ("prompts", "prompts")],
-            "train": [("pairs", "pairs")] if getattr(cfg, "prompts", None) is None else [("prompts", "prompts")],
+            "train": [("pairs", "pairs" if getattr(cfg, "objective", "") != "sft" or self._made(run / "pairs")
+                       else "prompts")],
             "eval": [("prompts", "prompts_test")], "slice": [("prompts", "prompts")],
             "rank": [("pairs", "pairs"), ("embeddings", "embeddings")],
         }
         inputs = [at(k, d) for k, d in need.get(step.stage, [])]
-        if step.stage == "train" and getattr(cfg, "pairs", None) and getattr(cfg, "prompts", None):
-            inputs.append(_norm(cfg.pairs))
         optional = [at("greedy_dir", "greedy")] if step.stage in ("embed", "pair") else []
+        if step.stage == "train" and cfg.objective != "sft":
+            optional.append(at("samples", "samples"))  # the chat template recorded by sample
         if step.stage == "prepare" and cfg.input:
             inputs.append(_norm(cfg.input))
         for key in ("model", "ref_model", "reward_model", "pairs"):
             value = getattr(cfg, key, None)
             if step.stage in ("train", "rank") and key == "pairs":
                 continue
+            if step.stage == "eval" and key == "pairs" and value:
+                inputs.append(_norm(value))
+                continue
             if isinstance(value, str) and value:
                 for candidate in (_norm(value), _norm(run / "models" / value)):
-                    if candidate.exists() or any(candidate in s.outputs for s in self.steps):
+                    if self._made(candidate):
                         inputs.append(candidate)
                         break
         return list(dict.fromkeys(inputs)), optional
+
+    def _made(self, path: Path) -> bool:
+        """Whether some step writes `path`, or it exists already."""
+        path = _norm(path)
+        return path.exists() or any(path in s.outputs for s in self.steps)
 
     def _order(self) -> list[Step]:
         """Topological order, YAML order among ready steps; a cycle is a usage error."""
@@ -499,10 +512,11 @@ class State:
     def status(self, step: Step) -> tuple[str, str]:
         """(state, detail): done, missing, unfinished, config changed, input changed, output changed, not recorded."""
         for out in step.outputs:
-            fp = path_fingerprint(out)
-            if fp is None:
-                manifest = store.read_manifest(out) if out.is_dir() else None
-                return ("unfinished", "resumes") if manifest is not None else ("missing", "")
+            manifest = store.read_manifest(out) if out.is_dir() else None
+            if manifest is None:
+                return "missing", ""
+            if manifest.get("status") != "complete":
+                return "unfinished", "the stage resumes it"
         rec = self.steps.get(step.name)
         if rec is None:
             return "not recorded", "outputs exist; the stage checks them"
@@ -678,11 +692,12 @@ def run_slice(cfg: SliceConfig) -> None:
     table = src.read()
     ids = table.column("prompt_id").to_pylist()
     order = sorted(range(len(ids)), key=lambda i: store.fingerprint([cfg.seed, ids[i]]))
-    picked = order[cfg.start:cfg.stop]
+    stop = cfg.start + cfg.count if cfg.count is not None else cfg.stop
+    picked = order[cfg.start:stop]
     if not picked:
-        raise UsageError(f"slice [{cfg.start}:{cfg.stop}] of {src.path} is empty ({len(ids)} prompts)")
+        raise UsageError(f"slice [{cfg.start}:{stop}] of {src.path} is empty ({len(ids)} prompts)")
     part = table.take(sorted(picked))
-    out = store.StageOutput.open(out_dir, "prompts", {"start": cfg.start, "stop": cfg.stop, "seed": cfg.seed},
+    out = store.StageOutput.open(out_dir, "prompts", {"start": cfg.start, "stop": stop, "seed": cfg.seed},
                                  {"prompts": src.fingerprint}, overwrite=cfg.overwrite)
     if not out.done(0):
         out.write_shard(0, part)
