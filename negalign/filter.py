@@ -23,8 +23,8 @@ from negalign import selection
 from negalign.config import FilterConfig, stage_path
 from negalign.console import console, progress
 from negalign.embed import embeddings_array
-from negalign.errors import UsageError
-from negalign.store import StageOutput, open_stage
+from negalign.errors import BadInput, UsageError
+from negalign.store import StageOutput, open_stage, shard_name
 
 NEGATIVES_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text_sha", pa.string()),
@@ -47,8 +47,22 @@ def _options(cfg: FilterConfig) -> dict[str, Any]:
     return opts
 
 
-def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig) -> pa.Table:
-    """One shard: the candidates of whole prompts -> one output row per candidate."""
+def _vectors(table: pa.Table, file: str | None) -> np.ndarray:
+    """The rows' embeddings; a NaN/inf one (a damaged embeddings artifact) is refused, naming its row: it would
+    make every similarity of its prompt NaN."""
+    vectors = embeddings_array(table)
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1)) if vectors.size else []
+    if len(bad):
+        r = table.slice(int(bad[0]), 1).select(["prompt_id", "sample_idx", "source"]).to_pylist()[0]
+        raise BadInput(f"{len(bad)} non-finite (NaN/inf) vector(s), the first of prompt {r['prompt_id']}, "
+                       f"sample_idx {r['sample_idx']} ({r['source']}); re-run `negalign embed --overwrite`",
+                       file=file, column="embedding")
+    return vectors
+
+
+def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str | None = None) -> pa.Table:
+    """One shard: the candidates of whole prompts -> one output row per candidate. `file` names the embeddings
+    shard in errors."""
     src = emb.column("source")
     cand = emb.filter(pc.equal(src, "sample")).sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
     # Text and finish reason per candidate; joined on the key columns only (Arrow joins don't carry vectors).
@@ -61,12 +75,12 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig) -> pa.Tabl
     pids = cand.column("prompt_id").to_numpy(zero_copy_only=False)
     groups, group = np.unique(pids, return_inverse=True)
     index = {p: g for g, p in enumerate(groups)}
-    cand_emb = embeddings_array(cand)
+    cand_emb = _vectors(cand, file)
     dim = cand_emb.shape[1] if cand_emb.ndim == 2 and len(cand_emb) else 0
     target_emb = np.zeros((len(groups), dim), dtype=np.float32)
     has_target = np.zeros(len(groups), dtype=bool)
     if targets.num_rows:
-        t_emb = embeddings_array(targets)
+        t_emb = _vectors(targets, file)
         for pid, vec in zip(targets.column("prompt_id").to_pylist(), t_emb, strict=True):
             if pid in index:
                 target_emb[index[pid]] = vec
@@ -78,7 +92,7 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig) -> pa.Tabl
     if cfg.max_neg_sim is not None:
         keep = [pid in index for pid in negatives.column("prompt_id").to_pylist()]
         negs = negatives.filter(pa.array(keep, pa.bool_()))
-        neg_kwargs = {"neg_emb": embeddings_array(negs) if negs.num_rows else np.zeros((0, dim), np.float32),
+        neg_kwargs = {"neg_emb": _vectors(negs, file) if negs.num_rows else np.zeros((0, dim), np.float32),
                       "neg_group": np.array([index[p] for p in negs.column("prompt_id").to_pylist()], np.int64)}
     texts = info.column("text").fill_null("").to_pylist()
     candidates = selection.Candidates(
@@ -155,7 +169,7 @@ def run(cfg: FilterConfig) -> None:
         task = bar.add_task(f"filter → {out_dir}", total=num_shards, completed=num_shards - len(todo))
         for s in todo:
             smp = samples.read_shard(s, ["prompt_id", "sample_idx", "text", "finish_reason"])
-            result = filter_shard(embeddings.read_shard(s), smp, cfg)
+            result = filter_shard(embeddings.read_shard(s), smp, cfg, str(embeddings.path / shard_name(s)))
             out.write_shard(s, result, {"rows": result.num_rows, "kept": int(pc.sum(result.column("kept")).as_py()
                                                                               or 0)})
             bar.advance(task)

@@ -46,47 +46,6 @@ def sample_rows(pid: str, texts: list[str], model: str = "m") -> list[dict]:
              "engine": "hf", "model": model} for i, t in enumerate(texts)]
 
 
-def fake_filter(run: Path, keep_fraction: float = 0.75, out: Path | None = None) -> None:
-    """The paper's lastdedup-p rule written plainly from RUN/embeddings: a stand-in for `negalign filter`."""
-    emb = open_stage(run / "embeddings", "embed")
-    table = emb.read()
-    vec = embeddings_array(table)
-    rows = table.drop(["embedding"]).to_pylist()
-    n = open_stage(run / "samples", "sample").manifest["info"]["num_samples"]
-    target = {r["prompt_id"]: vec[i] for i, r in enumerate(rows) if r["source"] == "target"}
-    by_prompt: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        if r["source"] == "sample":
-            by_prompt.setdefault(r["prompt_id"], []).append(i)
-    result = []
-    for pid, items in by_prompt.items():
-        items.sort(key=lambda i: rows[i]["sample_idx"])
-        sims = {i: float(vec[i] @ target[pid]) if pid in target else math.nan for i in items}
-        seen, unique, reason = set(), [], {}
-        for i in items:
-            if rows[i]["is_empty"]:
-                reason[i] = "empty"
-            elif rows[i]["text_sha"] in seen:
-                reason[i] = "duplicate"
-            else:
-                seen.add(rows[i]["text_sha"])
-                unique.append(i)
-        m = min(math.floor(n * keep_fraction), len(unique) - 1)
-        ranked = sorted(unique, key=lambda i: (sims[i], rows[i]["sample_idx"]))
-        rank = {i: r for r, i in enumerate(ranked)}
-        for i in ranked[m:]:
-            reason[i] = "near_target"
-        result += [{"prompt_id": pid, "sample_idx": rows[i]["sample_idx"], "sim_to_target": sims[i],
-                    "rank": rank.get(i, -1), "kept": i not in reason, "drop_reason": reason.get(i)} for i in items]
-    # Shard i of a filter output covers the prompts of samples shard i, as `negatives` does.
-    samples = open_stage(run / "samples", "sample")
-    shard_of = {pid: s for s in range(samples.num_shards) for pid in samples.read_shard(s, ["prompt_id"])
-                .column("prompt_id").to_pylist()}
-    write_stage(out or run / "negatives", "filter",
-                [[r for r in result if shard_of[r["prompt_id"]] == s] for s in range(samples.num_shards)],
-                FILTER_SCHEMA, {"keep_fraction": keep_fraction})
-
-
 def read_stage(path: Path, stage: str) -> list[dict]:
     return open_stage(path, stage).read().to_pylist()
 
@@ -366,20 +325,153 @@ def _check_pairs(run: Path, export: Path) -> None:
 
 
 @pipeline
-def test_pipeline_pair_with_reference_filter(sampled_run: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    shutil.copytree(sampled_run, run)
-    fake_filter(run)
-    negalign("pair", "--run", run, "--export-trl", tmp_path / "trl.parquet", check=True)
-    _check_pairs(run, tmp_path / "trl.parquet")
-
-
-@pipeline
 def test_pipeline_filter_then_pair(sampled_run: Path, tmp_path: Path) -> None:
-    pytest.importorskip("negalign.filter", reason="`negalign filter` has not landed yet")
     run = tmp_path / "run"
     shutil.copytree(sampled_run, run)
     negalign("filter", "--run", run, check=True)
     negalign("pair", "--run", run, "--export-trl", tmp_path / "trl.parquet", check=True)
     _check_pairs(run, tmp_path / "trl.parquet")
     assert pq.read_table(tmp_path / "trl.parquet").num_rows > 0
+
+
+# ------------------------------------------------------------------------------------------------ filter
+def _vec(theta: float | None) -> list[float]:
+    """A unit vector at angle theta (cosine to the target at 0 is cos(theta)); None = a corrupt (NaN) vector."""
+    return [math.nan, math.nan] if theta is None else [math.cos(theta), math.sin(theta)]
+
+
+@pytest.fixture
+def filter_run(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """Samples and 2-d embeddings built by hand, so that every similarity is a known cosine.
+
+    Shard 0: prompt "a" (target at angle 0; N = 6) and prompt "d2o" (no target, two given negatives).
+    Shard 1: prompt "c" (target). The embeddings rows are in another order than the samples rows, and carry a
+    greedy row: `filter` must join on (prompt_id, sample_idx) and take only `source == "sample"` rows.
+    """
+    run = tmp_path / "run"
+    pid = {k: prompt_id([{"role": "user", "content": k}]) for k in ("a", "d2o", "c")}
+    # (sample_idx, text, finish_reason, angle)
+    a = [(0, "a0", "stop", 1.0), (1, "a1", "length", 0.2), (2, "a0", "stop", 1.0), (3, " ", "stop", 0.0),
+         (4, "a4", "stop", 1.5), (5, "a5", "stop", 0.5)]
+    d = [(0, "b0", "stop", 2.0), (1, "b0", "stop", 2.0), (2, "b2", "stop", 2.05), (3, "b3", "stop", -1.0),
+         (4, "b4", "length", 0.3)]
+    c = [(0, "c0", "stop", 0.1), (1, "c1", "stop", 0.9), (2, "c2", "stop", 0.4)]
+    groups = [[("a", a), ("d2o", d)], [("c", c)]]
+
+    def smp(key, i, text, finish):
+        return {"prompt_id": pid[key], "sample_idx": i, "text": text, "num_tokens": 3, "finish_reason": finish,
+                "seed": i, "engine": "hf", "model": "m"}
+
+    def emb(key, i, source, text, theta):
+        return {"prompt_id": pid[key], "sample_idx": i, "source": source, "text_sha": text_sha(text),
+                "is_empty": not text.strip(), "embedding": _vec(theta)}
+
+    write_stage(run / "samples", "sample", [[smp(k, i, t, f) for k, rows in shard for i, t, f, _ in rows]
+                                            for shard in groups], SAMPLE_SCHEMA, info={"num_samples": 6})
+    shards = []
+    for shard in groups:
+        rows = [emb(k, i, "sample", t, th) for k, rows in shard for i, t, _, th in rows]
+        rows = rows[::-1]                                           # not the samples' order
+        for k, _ in shard:
+            if k != "d2o":
+                rows.append(emb(k, -1, "target", f"target {k}", 0.0))
+            rows.append(emb(k, 0, "greedy", f"greedy {k}", 0.05))   # sample_idx 0 like a candidate: not one
+        if shard[-1][0] == "d2o":
+            rows += [emb("d2o", -2, "negative", "given 1", -1.02), emb("d2o", -3, "negative", "given 2", 3.0)]
+        shards.append(rows)
+    write_stage(run / "embeddings", "embed", shards, embed_mod.embed_schema(2))
+    write_stage(run / "prompts", "prompts", [[prompt_row("a", "target a"), prompt_row("d2o", None, ["given 1",
+                                                                                                   "given 2"]),
+                                              prompt_row("c", "target c")]], PROMPTS_SCHEMA)
+    return run, pid
+
+
+def run_filter(run: Path, *args: str, out: str = "negatives") -> dict[tuple[str, int], dict]:
+    negalign("filter", "--run", run, "--out", run / out, *args, check=True)
+    return {(r["prompt_id"], r["sample_idx"]): r for r in read_stage(run / out, "filter")}
+
+
+def outcome(rows: dict, pid: str, n: int) -> list[str | None]:
+    return [rows[(pid, i)]["drop_reason"] for i in range(n)]
+
+
+def test_filter_joins_samples_and_ranks_by_cosine(filter_run) -> None:
+    run, pid = filter_run
+    rows = run_filter(run)
+    assert len(rows) == 6 + 5 + 3                                   # one row per candidate; no greedy/target rows
+    # "a": N = 6 -> floor(4.5) = 4; unique non-empty: a0 (cos 1.0), a1 (0.2), a4 (1.5), a5 (0.5) -> m = min(4, 3)
+    assert outcome(rows, pid["a"], 6) == [None, "near_target", "duplicate", "empty", None, None]
+    assert [rows[(pid["a"], i)]["rank"] for i in range(6)] == [1, 3, -1, -1, 0, 2]
+    for i, theta in ((0, 1.0), (1, 0.2), (4, 1.5), (5, 0.5)):
+        assert rows[(pid["a"], i)]["sim_to_target"] == pytest.approx(math.cos(theta), abs=1e-6)
+    # "c" (shard 1): N = 3 -> m = min(2, 2): the closest (c0) goes
+    assert outcome(rows, pid["c"], 3) == ["near_target", None, None]
+    stage = open_stage(run / "negatives", "filter")
+    assert stage.manifest["summary"]["by_reason"] == {"kept": 9, "near_target": 2, "duplicate": 2, "empty": 1}
+    assert stage.manifest["summary"]["prompts_with_negatives"] == 3
+
+
+def test_filter_groups_without_target_are_deduplicated_only(filter_run) -> None:
+    run, pid = filter_run
+    rows = run_filter(run)
+    # D2O prompt: no target, so no similarity (NaN) and no rank; only exact duplicates go.
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", None, None, None]
+    assert all(math.isnan(rows[(pid["d2o"], i)]["sim_to_target"]) for i in range(5))
+    assert {rows[(pid["d2o"], i)]["rank"] for i in range(5)} == {-1}
+    # NaN similarities stay out of the summary's quantiles (they would make every quantile NaN).
+    summary = open_stage(run / "negatives", "filter").manifest["summary"]
+    assert summary["sim_quantiles_all"]["q0"] == pytest.approx(math.cos(1.5), abs=1e-4)
+    assert summary["sim_quantiles_all"]["q100"] == pytest.approx(1.0, abs=1e-4)      # the empty "a" sample
+
+
+def test_filter_opt_in_drops(filter_run) -> None:
+    run, pid = filter_run
+    rows = run_filter(run, "--drop-truncated", out="truncated")
+    # a1 and b4 hit the token limit (finish_reason "length", known only from the samples): dropped. "a" has
+    # 3 unique left -> m = min(4, 2) keeps the two least similar: a4 and a0; a5 is now the closest.
+    assert outcome(rows, pid["a"], 6) == [None, "truncated", "duplicate", "empty", None, "near_target"]
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", None, None, "truncated"]
+
+    # cos(2.05 - 2.0) = 0.9988: b2 is a near duplicate of b0; no other pair of a prompt is that close.
+    rows = run_filter(run, "--near-dup-sim", "0.99", out="near_dup")
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", "near_duplicate", None, None]
+    assert outcome(rows, pid["a"], 6) == [None, "near_target", "duplicate", "empty", None, None]
+
+    # b3 is at 0.02 rad from given negative 1 (cos 0.9998); no candidate is near given negative 2.
+    rows = run_filter(run, "--max-neg-sim", "0.99", out="near_neg")
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", None, "near_negative", None]
+    assert outcome(rows, pid["c"], 3) == ["near_target", None, None]   # prompts without negatives: unchanged
+    rows = run_filter(run, "--max-neg-sim", "0.99", "--near-dup-sim", "0.99", "--drop-truncated", out="all")
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", "near_duplicate", "near_negative", "truncated"]
+
+
+def test_filter_refuses_a_nan_embedding_in_one_line(filter_run) -> None:
+    run, pid = filter_run
+    emb = open_stage(run / "embeddings", "embed")
+    shards = [t.to_pylist() for _, t in emb.iter_shards()]
+    for r in shards[1]:
+        if r["prompt_id"] == pid["c"] and r["sample_idx"] == 2 and r["source"] == "sample":
+            r["embedding"] = _vec(None)
+    shutil.rmtree(run / "embeddings")
+    write_stage(run / "embeddings", "embed", shards, embed_mod.embed_schema(2))
+    proc = negalign("filter", "--run", run)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+    message = errors[0]
+    assert "embedding" in message and pid["c"] in message and "Traceback" not in proc.stderr
+    assert "sample_idx 2" in message and "part-00001" in message
+
+
+def test_pair_groups_from_the_real_filter(filter_run) -> None:
+    run, pid = filter_run
+    negalign("filter", "--run", run, check=True)
+    negalign("pair", "--run", run, "--max-negatives", "2", check=True)
+    groups = {g["prompt_id"]: g for g in read_stage(run / "pairs", "pair")}
+    assert set(groups) == set(pid.values())
+    a, c, d = groups[pid["a"]], groups[pid["c"]], groups[pid["d2o"]]
+    assert a["chosen"] == "target a" and sorted(a["rejected_idx"]) in ([0, 4], [0, 5], [4, 5])
+    assert a["rejected"] == [{0: "a0", 4: "a4", 5: "a5"}[i] for i in a["rejected_idx"]]
+    assert sorted(c["rejected_idx"]) == [1, 2] and c["rejected"] == [f"c{i}" for i in c["rejected_idx"]]
+    assert d["chosen"] is None and d["negatives"] == ["given 1", "given 2"]
+    assert sorted(d["anchors"]) == ["b0", "b2", "b3", "b4"]          # kept self-samples, no duplicate
