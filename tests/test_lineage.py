@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pytest
 
+from negalign import filter as filter_mod
+from negalign import pair as pair_mod
+from negalign.config import FilterConfig, PairConfig
+from negalign.embed import embed_schema, text_sha
+from negalign.errors import UsageError
 from negalign.models import chat_template_hash, model_fingerprint
+from negalign.prepare import prompt_id
+from negalign.sample import SAMPLE_SCHEMA
+from negalign.store import PROMPTS_SCHEMA, StageInput, StageOutput, open_stage
+from tests.conftest import negalign
 
 
 def _model_folder(path: Path, weights: np.ndarray, config: dict | None = None) -> Path:
@@ -57,3 +69,107 @@ def test_crash_point_kills_at_the_nth_hit(tmp_path: Path) -> None:
     assert killed.returncode == -9 and killed.stdout.split() == ["0", "1", "2"]
     assert run("elsewhere").stdout.split()[-1] == "survived"
     assert run("here").stdout.split() == ["0"]
+
+
+# ------------------------------------------------------------------------------------------------ lineage
+# A hand-built chain prompts -> samples -> embeddings (no model needed), then the real `filter` and `pair` stages.
+# Each hand-built output is opened with its inputs as the stages open theirs, so the manifests carry lineage.
+
+def _stage(path: Path, stage: str, rows: list[dict], schema: pa.Schema, config: dict, inputs: dict,
+           overwrite: bool = False) -> StageInput:
+    out = StageOutput.open(path, stage, config, inputs, overwrite=overwrite)
+    out.write_shard(0, pa.Table.from_pylist(rows, schema=schema))
+    assert out.finish(1)
+    return open_stage(path, stage)
+
+
+def _prompts(run: Path, targets: tuple[str, ...] = ("Paris", "Tokyo")) -> StageInput:
+    rows = []
+    for i, target in enumerate(targets):
+        messages = [{"role": "user", "content": f"question {i}"}]
+        rows.append({"prompt_id": prompt_id(messages), "messages": messages, "target": target, "negatives": None})
+    return _stage(run / "prompts", "prompts", rows, PROMPTS_SCHEMA, {"targets": list(targets)}, {"input": "file"},
+                  overwrite=True)
+
+
+def _samples(run: Path, prompts: StageInput, word: str, path: Path | None = None) -> StageInput:
+    pids = prompts.read(["prompt_id"]).column("prompt_id").to_pylist()
+    rows = [{"prompt_id": pid, "sample_idx": j, "text": f"{word} {j}", "num_tokens": 2, "finish_reason": "stop",
+             "seed": j, "engine": "hf", "model": "m"} for pid in pids for j in range(4)]
+    return _stage(path or run / "samples", "sample", rows, SAMPLE_SCHEMA, {"word": word}, {"prompts": prompts},
+                  overwrite=True)
+
+
+def _embeddings(run: Path, samples: StageInput, prompts: StageInput) -> StageInput:
+    rows = []
+    for r in samples.read().to_pylist():
+        theta = 0.3 * (r["sample_idx"] + 1)
+        rows.append({"prompt_id": r["prompt_id"], "sample_idx": r["sample_idx"], "source": "sample",
+                     "text_sha": text_sha(r["text"]), "is_empty": False,
+                     "embedding": [math.cos(theta), math.sin(theta)]})
+    for r in prompts.read().to_pylist():
+        rows.append({"prompt_id": r["prompt_id"], "sample_idx": -1, "source": "target",
+                     "text_sha": text_sha(r["target"]), "is_empty": False, "embedding": [1.0, 0.0]})
+    return _stage(run / "embeddings", "embed", rows, embed_schema(2), {"embedder": "hand"},
+                  {"samples": samples, "prompts": prompts}, overwrite=True)
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    prompts = _prompts(run)
+    samples = _samples(run, prompts, "old")
+    _embeddings(run, samples, prompts)
+    filter_mod.run(FilterConfig(run=str(run)))
+    pair_mod.run(PairConfig(run=str(run)))
+    return run
+
+
+def test_lineage_is_recorded_through_the_chain(chain: Path) -> None:
+    pairs = open_stage(chain / "pairs", "pair")
+    assert set(pairs.lineage) == {"../prompts", "../samples", "../embeddings", "../negatives"}
+    assert pairs.lineage["../embeddings"]["inputs"] == ["../samples", "../prompts"]
+    assert pairs.lineage["../samples"]["fingerprint"] == open_stage(chain / "samples").fingerprint
+    assert pairs.manifest["input_paths"]["negatives"] == "../negatives"
+
+
+def test_filter_and_pair_refuse_embeddings_of_replaced_samples(chain: Path) -> None:
+    _samples(chain, open_stage(chain / "prompts"), "new")  # sample --overwrite: other texts, same shape
+    with pytest.raises(UsageError, match=r"embeddings was built from an older .*samples \(it has changed since\); "
+                                         r"re-run `negalign embed --overwrite`$"):
+        filter_mod.run(FilterConfig(run=str(chain), overwrite=True))
+    with pytest.raises(UsageError, match=r"negatives was built from an older .*samples .*re-run `negalign embed "
+                                         r"--overwrite`, then `negalign filter --overwrite`$"):
+        pair_mod.run(PairConfig(run=str(chain), overwrite=True))
+    proc = negalign("filter", "--run", chain, "--overwrite")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "negalign embed --overwrite" in proc.stderr
+    # After embed is redone, only filter is left to redo; then pair runs again.
+    _embeddings(chain, open_stage(chain / "samples"), open_stage(chain / "prompts"))
+    with pytest.raises(UsageError, match=r"re-run `negalign filter --overwrite`$"):
+        pair_mod.run(PairConfig(run=str(chain), overwrite=True))
+    filter_mod.run(FilterConfig(run=str(chain), overwrite=True))
+    pair_mod.run(PairConfig(run=str(chain), overwrite=True))
+    assert {t.split()[0] for g in open_stage(chain / "pairs").read().to_pylist() for t in g["rejected"]} == {"new"}
+
+
+def test_replaced_prompts_are_caught_downstream(chain: Path) -> None:
+    _prompts(chain, ("Rome", "Oslo"))  # prepare --overwrite with other targets; samples not redone
+    with pytest.raises(UsageError, match=r"negatives was built from an older .*prompts .*re-run `negalign sample "
+                                         r"--overwrite`, then `negalign embed --overwrite`, then `negalign filter"):
+        pair_mod.run(PairConfig(run=str(chain), overwrite=True))
+    with pytest.raises(UsageError, match=r"re-run `negalign sample --overwrite`, then `negalign embed --overwrite`$"):
+        filter_mod.run(FilterConfig(run=str(chain), overwrite=True))
+
+
+def test_inputs_from_different_runs_are_not_mixed(chain: Path, tmp_path: Path) -> None:
+    other = _samples(chain, open_stage(chain / "prompts"), "other", path=tmp_path / "other_samples")
+    with pytest.raises(UsageError, match=r"embeddings was made from other samples than .*other_samples"):
+        filter_mod.run(FilterConfig(run=str(chain), samples=str(other.path), out=str(tmp_path / "neg2")))
+
+
+def test_upstream_being_rebuilt_is_refused(chain: Path) -> None:
+    out = StageOutput.open(chain / "samples", "sample", {"word": "old"}, {"prompts": open_stage(chain / "prompts")})
+    out.write_shard(0, open_stage(chain / "samples").read())  # a resumed or topped-up run, not finished yet
+    with pytest.raises(UsageError, match=r"samples \(it is being rebuilt or unfinished\)"):
+        filter_mod.run(FilterConfig(run=str(chain), overwrite=True))
+    out.finish(1)
