@@ -1,0 +1,132 @@
+"""The example pipelines and the task data: each YAML plans cleanly, and runs end to end at tiny size (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, negalign
+
+from negalign import checkers
+from negalign.pipeline import Pipeline
+
+EXAMPLES = ROOT / "examples"
+YAMLS = ["demo.yaml", "self_contrast.yaml", "d2o.yaml", "selm.yaml", "sr_dpo.yaml"]
+# Shrinks any example: the HF engine (no vLLM start), few tokens, one or two optimizer steps.
+TINY = ["--set", "sample.engine=hf", "--set", "eval.engine=hf", "--set", "sample.max_tokens=8",
+        "--set", "eval.max_tokens=8", "--set", "train.max_steps=1", "--set", "train.batch_size=2"]
+
+
+def _load_make_tasks():
+    spec = importlib.util.spec_from_file_location("make_tasks", EXAMPLES / "make_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_task_data_is_deterministic_and_matches_the_committed_files() -> None:
+    make_tasks = _load_make_tasks()
+    first, second = make_tasks.make(), make_tasks.make()
+    assert first == second
+    files = {"train": "tasks_train.parquet", "test": "tasks_test.parquet", "d2o": "d2o_train.parquet"}
+    for split, name in files.items():
+        assert pq.read_table(EXAMPLES / "data" / name).to_pylist() == first[split], f"regenerate {name}"
+    train, test = first["train"], first["test"]
+    assert len(train) >= 600 and len(test) >= 400
+    assert len({r["task"] for r in train}) >= 6 and {r["task"] for r in train} == {r["task"] for r in test}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    assert all(not r["target"] and r["negatives"] for r in first["d2o"])
+
+
+def test_every_target_passes_its_checker_and_no_negative_does() -> None:
+    """Targets are correct and the synthetic negatives wrong, by the checker eval will use for the family."""
+    rows = [r for split in _load_make_tasks().make().values() for r in split]
+    checked = 0
+    for r in rows:
+        if r["checker"] not in checkers.KINDS:
+            continue  # definitions: judged by embed-sim only
+        if r["target"] is not None:
+            assert checkers.check(r["checker"], r["target"], r["target"]) is True, r
+            for neg in r["negatives"]:
+                assert checkers.check(r["checker"], neg, r["target"]) is False, (neg, r)
+            checked += 1
+    assert checked > 800
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_example_plans(name: str) -> None:
+    pipe = Pipeline(EXAMPLES / name)
+    stages = {s.stage for s in pipe.steps}
+    assert {"train", "eval"} <= stages
+    assert all(s.stage != "eval" or s.deps or s.cfg.model == "smollm2-135m" for s in pipe.steps)
+
+
+def test_self_contrast_experiment_has_the_issue_design() -> None:
+    by = {s.name: s for s in Pipeline(EXAMPLES / "self_contrast.yaml").steps}
+    assert by["sample"].cfg.num_samples >= 32
+    for k in (1, 8):
+        assert {by[f"sc-k{k}-s{s}"].cfg.seed for s in range(3)} == {0, 1, 2}
+    assert {by["sc-k2"].cfg.num_negatives, by["sc-k4"].cfg.num_negatives} == {2, 4}
+    control, sc = by["control-s0"].cfg, by["sc-k8-s0"].cfg
+    assert control.objective == "sft" and control.max_steps == sc.max_steps and control.model == sc.model
+    assert by["spin"].cfg.pairs.endswith("pairs-random") and by["filter-random"].cfg.strategy == "random"
+    assert by["dpo-given"].cfg.rejected == "given" and by["sr-dpo-k8"].cfg.objective == "sr-dpo"
+    assert by["sc-sft-k8"].cfg.sft_weight > 0
+    assert all(by[n].cfg.lora for n in ("sc-k1-s0", "control-s1", "spin", "dpo-given"))
+    assert len(pq.read_table(EXAMPLES / "data" / "tasks_test.parquet")) >= 400 and by["test"].cfg.count is None
+
+
+def _run_tiny(tmp_path: Path, name: str, *sets: str, only: str | None = None) -> str:
+    args = ["run", EXAMPLES / name, "--set", f"run={tmp_path / 'run'}", *TINY, *(["--only", only] if only else [])]
+    for s in sets:
+        args += ["--set", s]
+    return negalign(*args, check=True, timeout=1800).stderr
+
+
+def _evaluated(tmp_path: Path) -> set[str]:
+    return {p.parent.name for p in (tmp_path / "run" / "eval").glob("*/summary.json")}
+
+
+@pytest.mark.slow
+def test_demo_runs_tiny_and_resumes(tmp_path: Path) -> None:
+    _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test_prompts=3",
+              "sft_epochs=1")
+    assert _evaluated(tmp_path) == {"base", "sft", "sc"}
+    summary = json.loads((tmp_path / "run" / "eval" / "sc" / "summary.json").read_text())
+    assert summary
+    again = _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test_prompts=3",
+                      "sft_epochs=1")
+    assert " 0 step(s) run" in again
+
+
+@pytest.mark.slow
+def test_d2o_example_runs_tiny(tmp_path: Path) -> None:
+    _run_tiny(tmp_path, "d2o.yaml", "prompts=3", "n_samples=4", "test_prompts=3", "steps=1",
+              "train.num_anchors=2")
+    assert _evaluated(tmp_path) == {"base", "d2o"}
+
+
+@pytest.mark.slow
+def test_selm_example_runs_two_rounds_tiny(tmp_path: Path) -> None:
+    _run_tiny(tmp_path, "selm.yaml", "prompts_per_round=3", "n_samples=4", "test_prompts=3", "steps=1")
+    assert _evaluated(tmp_path) == {"base", "selm-iter-1", "selm-iter-2"}
+    for t in (1, 2):
+        assert (tmp_path / "run" / "selm" / f"iter-{t}" / "models" / "train" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_sr_dpo_example_runs_tiny(tmp_path: Path) -> None:
+    _run_tiny(tmp_path, "sr_dpo.yaml", "prompts=3", "n_samples=4", "test_prompts=3", "steps=1")
+    assert _evaluated(tmp_path) == {"base", "sr-dpo"}
+
+
+@pytest.mark.slow
+def test_self_contrast_example_runs_tiny_on_one_path(tmp_path: Path) -> None:
+    """The full experiment is 15 trainings; at tiny size, one path through it: SFT, the data and sc-k2."""
+    path = "prepare*,test,sft-prompts,sc-prompts,sft,sample,embed,filter,pair,sc-k2,eval-sc-k2"
+    _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test.count=3",
+              only=path)
+    assert _evaluated(tmp_path) == {"sc-k2"}
