@@ -81,7 +81,21 @@ def resolve_model(name: str) -> str:
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise UsageError(f"{name}: model folder not found")
-    return name  # a hub id; works only where a hub is reachable
+    return _hub_id(name)
+
+
+def _hub_id(name: str) -> str:
+    """A hub id: offline (HF_HUB_OFFLINE=1), it must already be in the local Hugging Face cache."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        try:
+            snapshot_download(name, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - not cached (or not a valid id): one line, not a traceback
+            aliases = ", ".join([*GENERATOR_ALIASES, *EMBEDDER_ALIASES])
+            raise UsageError(f"{name}: no such model folder or alias ({aliases}), and not in the Hugging Face "
+                             "cache (offline)") from e
+    return name  # works where a hub is reachable, or from the cache
 
 
 def model_label(name: str) -> str:

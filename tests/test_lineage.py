@@ -173,3 +173,9 @@ def test_upstream_being_rebuilt_is_refused(chain: Path) -> None:
     with pytest.raises(UsageError, match=r"samples \(it is being rebuilt or unfinished\)"):
         filter_mod.run(FilterConfig(run=str(chain), overwrite=True))
     out.finish(1)
+
+
+def test_unknown_hub_model_offline_is_one_line_usage_error(small_prompts: Path) -> None:
+    proc = negalign("sample", "--run", small_prompts, "--model", "nosuchorg/x", env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "nosuchorg/x: no such model folder or alias" in proc.stderr
