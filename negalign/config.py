@@ -436,6 +436,10 @@ def validate(cfg: Any, source: str = "config") -> Any:
         setattr(cfg, f.name, value)
     if hasattr(cfg, "shard_index") and hasattr(cfg, "num_shards") and not 0 <= cfg.shard_index < cfg.num_shards:
         raise UsageError(f"{source}: --shard-index must be in [0, {cfg.num_shards}), got {cfg.shard_index}")
+    name = getattr(cfg, "name", None)  # train/eval output names: a folder inside the run directory, nothing else
+    if isinstance(name, str) and (not name.strip() or name.startswith(".") or "/" in name or "\\" in name):
+        raise UsageError(f"{source}: name must be a plain folder name inside the run directory (no '/', no leading "
+                         f"'.'), got {name!r}")
     return cfg
 
 

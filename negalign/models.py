@@ -78,6 +78,7 @@ def resolve_model(name: str) -> str:
     if path.exists():
         if not (path / "config.json").exists() and not (path / "modules.json").exists():
             raise UsageError(f"{path}: not a Hugging Face model folder (no config.json)")
+        check_no_pickle_weights(path)
         return str(path.resolve())
     if name.startswith((".", "/", "~")):
         raise UsageError(f"{name}: model folder not found")
@@ -96,6 +97,26 @@ def _hub_id(name: str) -> str:
             raise UsageError(f"{name}: no such model folder or alias ({aliases}), and not in the Hugging Face "
                              "cache (offline)") from e
     return name  # works where a hub is reachable, or from the cache
+
+
+ALLOW_PICKLE_ENV = "NEGALIGN_ALLOW_PICKLE"
+#: weight files that `torch.load` would unpickle (a pickle can run code when loaded)
+_PICKLE_WEIGHTS = ("pytorch_model*.bin", "adapter_model.bin", "model*.pt", "model*.pth", "*.ckpt")
+
+
+def allow_pickle() -> bool:
+    """Pickle weights are refused unless NEGALIGN_ALLOW_PICKLE=1 (for a folder you made yourself)."""
+    return os.environ.get(ALLOW_PICKLE_ENV, "") == "1"
+
+
+def check_no_pickle_weights(folder: Path) -> None:
+    """Refuse a model folder (or a sentence-transformers module folder in it) whose weights exist only as pickles."""
+    dirs = [folder] + [p for p in folder.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    for d in dirs:
+        pickles = sorted({f.name for pattern in _PICKLE_WEIGHTS for f in d.glob(pattern)})
+        if pickles and not any(d.glob("*.safetensors")) and not allow_pickle():
+            raise UsageError(f"{d}: weights only as pickle files ({', '.join(pickles)}); negalign loads safetensors "
+                             f"only. Convert them, or set {ALLOW_PICKLE_ENV}=1 if you trust this folder")
 
 
 def model_label(name: str) -> str:
@@ -117,7 +138,8 @@ def load_causal_lm(name: str, *, dtype: Any = None, device: str = "cpu", trust_r
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=dtype or torch.float32,
-                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+                                                 use_safetensors=not allow_pickle(),
+                                                 trust_remote_code=trust_remote_code)
     return model.to(device)
 
 
@@ -133,7 +155,8 @@ def load_embedder(name: str = "minilm", *, device: str = "auto", trust_remote_co
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_model(name), device=best_device(device),
-                               trust_remote_code=trust_remote_code, model_kwargs={"use_safetensors": True})
+                               trust_remote_code=trust_remote_code,
+                               model_kwargs={"use_safetensors": not allow_pickle()})
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:

@@ -766,7 +766,7 @@ def _reward_scorer(path: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
 
     def score(messages: list[dict[str, str]], responses: list[str]) -> list[float]:
         prompt = "\n".join(m["content"] for m in messages)
