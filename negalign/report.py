@@ -216,8 +216,11 @@ def plot_vs_k(groups: list[Group], out: Path) -> Path | None:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"sc β={b:g}" if b is not None else "sc")
             for g in line:
                 seeds = g.value(key)["seeds"]
-                if len(seeds) > 1:
-                    ax.scatter([g.first.k] * len(seeds), [scale * s for s in seeds], s=10, color="grey", zorder=3)
+                if len(seeds) > 1:  # per-seed values, spread a little sideways so they do not hide the bar
+                    xs_seed = g.first.k * 2 ** np.linspace(-0.08, 0.08, len(seeds))
+                    first = "seeds" not in ax.get_legend_handles_labels()[1]
+                    ax.scatter(xs_seed, [scale * s for s in seeds], s=14, facecolors="white", edgecolors="grey",
+                               zorder=3, label="seeds" if first else None)
         for i, g in enumerate(others):
             v = g.value(key)
             if v:
@@ -230,7 +233,8 @@ def plot_vs_k(groups: list[Group], out: Path) -> Path | None:
         ax.set_xlabel("K (negatives per prompt)")
         ax.set_ylabel(_ylabel(key))
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("Self-Contrast: metric against K (bars: 95% bootstrap interval, or ± s.e. over seeds)", fontsize=9)
+    fig.suptitle("Self-Contrast: metric against K (error bars: 95% bootstrap interval over prompts, or ± s.e. "
+                 "over seeds; circles: seeds)", fontsize=9)
     fig.tight_layout()
     path = out / "metric_vs_k.png"
     fig.savefig(path)
@@ -244,7 +248,7 @@ def plot_per_model(groups: list[Group], out: Path) -> Path | None:
     if not keys:
         return None
     plt = _plt()
-    width = max(4.0, 0.7 * len(groups) + 1.5)
+    width = max(6.5, 0.8 * len(groups) + 1.5)
     fig, axes = plt.subplots(len(keys), 1, figsize=(width, 2.8 * len(keys)), squeeze=False)
     colours = {obj: f"C{i}" for i, obj in enumerate(dict.fromkeys(g.first.objective for g in groups))}
     for ax, key in zip(axes[:, 0], keys, strict=True):
@@ -259,13 +263,14 @@ def plot_per_model(groups: list[Group], out: Path) -> Path | None:
             ax.annotate(f"{y:.1f}" if key in PCT else f"{y:.3f}", (i, y + err[1][0]), textcoords="offset points",
                         xytext=(0, 3), ha="center", fontsize=7)
             if len(v["seeds"]) > 1:
-                ax.scatter([i] * len(v["seeds"]), [scale * s for s in v["seeds"]], s=10, color="black", zorder=3)
+                ax.scatter(i + np.linspace(-0.15, 0.15, len(v["seeds"])), [scale * s for s in v["seeds"]], s=14,
+                           facecolors="white", edgecolors="black", zorder=3)
         ax.set_xticks(range(len(groups)), [g.label for g in groups], rotation=20, ha="right")
         ax.set_ylabel(_ylabel(key))
         if key in PCT:
             ax.set_ylim(0, 100)
     fig.suptitle("Metrics per model, ordered by objective, K, β\n"
-                 "(error bars: 95% bootstrap interval over prompts, or ± s.e. over seeds; dots: seeds)", fontsize=9)
+                 "error bars: 95% bootstrap interval over prompts, or ± s.e. over seeds (circles: seeds)", fontsize=9)
     fig.tight_layout()
     path = out / "per_model.png"
     fig.savefig(path)
