@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -246,3 +247,79 @@ def test_eval_with_a_reward_model_scores_win_rate(tmp_path):
     for r in rows:
         expected = 1.0 if r["reward"] > r["reward_target"] else 0.0 if r["reward"] < r["reward_target"] else 0.5
         assert r["win"] == expected
+
+
+# ----------------------------------------------------------------------------------------------- pref-acc
+
+CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def _tiny_lm(path: Path, seed: int) -> Path:
+    """A random 1-layer Llama causal LM with a word-level tokenizer and a chat template, saved as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    _tiny_reward_model(path)  # writes the word-level tokenizer (the classifier weights are replaced below)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                 bos_token_id=None, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_response_logps_equal_full_minus_prompt_likelihood(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from negalign.models import render_prompt_ids
+
+    path = _tiny_lm(tmp_path / "lm", seed=0)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    messages = [{"role": "user", "content": "what is the capital of france ?"}]
+    responses = ["paris", "the capital of france is lyon", ""]
+    got = evaluate._response_logps(model, tok, messages, responses)
+
+    def loglik(ids: list[int]) -> float:  # sum of log p(token t | tokens < t), t >= 1
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        return float(sum(logp[t - 1, ids[t]] for t in range(1, len(ids))))
+
+    prompt = render_prompt_ids(tok, messages)
+    for r, g in zip(responses, got, strict=True):
+        ids = prompt + tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert g == pytest.approx(loglik(ids) - loglik(prompt), abs=1e-4)
+
+
+def test_pref_acc_on_held_out_groups(tmp_path):
+    """A whole eval with tiny random models: generation (HF engine), checker, and pref-acc against a reference."""
+    from negalign.pair import PAIR_SCHEMA
+    from negalign.store import StageOutput
+
+    policy, ref = _tiny_lm(tmp_path / "policy", seed=0), _tiny_lm(tmp_path / "ref", seed=1)
+    run = tmp_path / "run"
+    prepare.run(PrepareConfig(run=str(run), input=str(write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "what is the capital of france ?", "target": "paris", "task": "capitals"}]))))
+    groups = [{"prompt_id": f"g{i}", "messages": [{"role": "user", "content": q}], "chosen": c, "rejected": rj,
+               "rejected_sim": [0.1] * len(rj), "anchors": [], "y_ref": None}
+              for i, (q, c, rj) in enumerate([("what is the capital of france ?", "paris", ["lyon", "42", "the"]),
+                                              ("what is 42 ?", "42", ["answer"])])]
+    rows = [{name: g.get(name) for name in PAIR_SCHEMA.names} for g in groups]
+    out = StageOutput.open(run / "pairs_test", "pair", {"test": 1}, {})
+    out.write_shard(0, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))
+    assert out.finish(1)
+
+    summary = evaluate.run(EvalConfig(run=str(run), model=str(policy), prompts=str(run / "prompts"), engine="hf",
+                                      max_tokens=4, embed_sim=False, pairs=str(run / "pairs_test"),
+                                      ref_model=str(ref), threads=1, bootstrap=200))
+    acc = pq.read_table(sorted((run / "eval" / "policy" / "pref_acc").glob("*.parquet"))[0]).to_pylist()
+    assert len(acc) == 2 and len(acc[0]["reward_rejected"]) == 3
+    for row in acc:
+        assert row["accuracy"] == pytest.approx(np.mean([row["reward_chosen"] > r for r in row["reward_rejected"]]))
+    assert summary["overall"]["pref_acc"]["mean"] == pytest.approx(np.mean([r["accuracy"] for r in acc]))
+    assert summary["ref_model"] == str(ref)
