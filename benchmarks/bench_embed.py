@@ -11,7 +11,7 @@ has any), with the same embedder (``minilm`` unless ``--embedder``):
 
 - (a) ``python -m negalign embed --run RUN --batch-size 128`` into a fresh folder (RUN/embeddings for a run this
   script built; OUT/embeddings via ``--out`` for a run given with ``--run``, so that its own embeddings stay
-  untouched). Rows, unique texts encoded, dedup share and ``timings.encode_s`` come from its manifest.json
+  untouched). Rows, unique texts encoded, dedup share and ``timings.encode_s`` come from its _manifest.json
   (encode_s starts after the model load: it covers re-reading the shard, hashing, encoding and writing it).
 - (b) a plain ``SentenceTransformer(str(path)).encode(all_texts, batch_size=128, normalize_embeddings=True)``
   on every text, no dedup; only the encode call is timed (wall = the whole subprocess, model load included).

@@ -69,7 +69,7 @@ def test_bad_input_is_one_line_exit_2_naming_column(tmp_path: Path, rows, column
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
     assert str(data) in line and f"column '{column}'" in line and "row" in line
-    assert not (tmp_path / "r" / "prompts" / "manifest.json").exists()
+    assert not (tmp_path / "r" / "prompts" / "_manifest.json").exists()
 
 
 def test_unreadable_and_missing_files_exit_2(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_yaml_config_sections_and_flag_precedence(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"run: {tmp_path / 'r'}\nprepare:\n  input: {EXAMPLE_DATA}\n  test_fraction: 0.5\n")
     negalign("prepare", "--config", cfg, "--test-fraction", "0.25", check=True)
-    manifest = json.loads((tmp_path / "r" / "prompts" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "r" / "prompts" / "_manifest.json").read_text())
     assert manifest["config"]["test_fraction"] == 0.25
     cfg.write_text("prepare:\n  no_such_key: 1\n")
     proc = negalign("prepare", "--config", cfg)
