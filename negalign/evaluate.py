@@ -101,6 +101,11 @@ def locate_model(cfg: EvalConfig) -> tuple[str, str, dict[str, Any]]:
     return path, name, train_config
 
 
+def reference_model(cfg: EvalConfig, train_config: dict[str, Any]) -> str:
+    """pref-acc's reference: --ref-model, else the starting model recorded by `train` (base_model), else the default."""
+    return cfg.ref_model or train_config.get("base_model") or train_config.get("model") or DEFAULT_MODEL
+
+
 # ----------------------------------------------------------------------------------------------- metric pieces
 
 def checker_kind(task: str | None, cfg: EvalConfig) -> str:
@@ -299,7 +304,7 @@ def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], ou
     from negalign.models import load_causal_lm, load_tokenizer
 
     pairs = open_stage(Path(cfg.pairs), "pair")
-    ref = cfg.ref_model or train_config.get("model") or DEFAULT_MODEL
+    ref = reference_model(cfg, train_config)
     if train_config.get("objective") == "base" and not cfg.ref_model:
         console.print("eval: pref-acc of a base model against itself is 0.5 by construction; pass --ref-model")
     conf = {"model_fingerprint": model_fp, "ref_fingerprint": model_fingerprint(ref)}
@@ -502,7 +507,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         "embedder": model_label(embedder_name) if metric_meta.get("embed_sim") else None,
         "reward_model": model_label(cfg.reward_model) if cfg.reward_model else (
             "(kept from an earlier run)" if metric_meta.get("reward") else None),
-        "ref_model": (cfg.ref_model or train_config.get("model") or DEFAULT_MODEL) if pref is not None else None,
+        "ref_model": reference_model(cfg, train_config) if pref is not None else None,
         "bootstrap": {"n_boot": cfg.bootstrap, "seed": cfg.seed, "level": stats.LEVEL, "unit": "prompt"},
         **summarise(scored.read(), cfg, pref),
         "scores_fingerprint": scored.fingerprint,
