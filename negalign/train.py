@@ -130,9 +130,10 @@ def build_items(cfg: TrainConfig, rows: list[dict[str, Any]], tokenizer) -> tupl
         p, rs, cut = truncate(prompt, responses, cfg.max_length)
         truncated += cut
         item = Item(row["prompt_id"], p, rs, texts)
-        if quality is not None:
-            item.prompt_q, _, cut_q = truncate(quality + prompt, responses, cfg.max_length)
-            truncated += cut_q
+        if quality is not None:  # p ⊕ x with the same responses; over budget, x loses its start, p stays
+            budget = max(1, cfg.max_length - max(len(r) for r in rs) - len(quality))
+            item.prompt_q = quality + p[-budget:]
+            truncated += len(p) > budget
         items.append(item)
     return items, skipped, truncated
 
@@ -406,7 +407,7 @@ def run(cfg: TrainConfig) -> Path:
         hf_logging.disable_progress_bar()
     if cfg.objective == "dpo" and cfg.num_negatives != 1:
         raise UsageError("--objective dpo takes one rejected per prompt; use --objective sc for K > 1")
-    if cfg.objective != "sft" and cfg.rejected == "given" and cfg.objective == "d2o":
+    if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
     name = default_name(cfg)
