@@ -480,36 +480,42 @@ class RunLock:
         return {}
 
     @classmethod
-    def acquire(cls, final: Path, key: str, config: dict[str, Any]) -> RunLock:
-        """Hold the output for a run with this key, or raise UsageError naming the live holders."""
+    def get(cls, final: Path, key: str) -> RunLock:
+        """This process's lock on the output if it holds one for this key (a stage may open its output twice),
+        else a new one to `take`."""
         held = cls._held.get(os.path.abspath(final))
         if held is not None and held.key == key and held.fd is not None:
+            held.alone = False  # others may have joined since we took it
             return held
         if held is not None:  # an earlier stage run in this process stopped without finish(): it is over
             held.release()
-        lock = cls(final, key)
-        with lock.mutex():
-            fd = os.open(lock.file, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                lock.alone = True
-            except BlockingIOError:
-                lock.alone = False
-            info = {} if lock.alone else lock._read_info(fd)
-            if not lock.alone and info.get("key") != key:
-                os.close(fd)
-                live = [h for h in info.get("holders", []) if _holder_alive(h)] or [{"pid": "?", "host": "?"}]
-                who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('started', '?')}" for h in live)
-                diff = _config_diff(info.get("config") or {}, config) or "other inputs"
-                raise UsageError(f"{final}: in use by {who}, writing another config ({diff}); wait for it to "
-                                 "finish, or write elsewhere")
-            fcntl.flock(fd, fcntl.LOCK_SH)  # the exclusive try-lock becomes shared; joiners queue on the mutex
-            lock.fd = fd
-            me = {"pid": os.getpid(), "host": HOST, "started": _now()}
-            holders = [h for h in info.get("holders", []) if _holder_alive(h)]
-            lock._write_info({"key": key, "config": config, "holders": holders + [me]})
-        cls._held[os.path.abspath(final)] = lock
-        return lock
+        return cls(final, key)
+
+    def take(self, final: Path, config: dict[str, Any]) -> None:
+        """With the mutex held: hold the output for a run with this key, or raise UsageError naming the live
+        holders. Tidying and the first manifest write happen under the same mutex, before anyone can join."""
+        if self.fd is not None:
+            return
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.alone = True
+        except BlockingIOError:
+            self.alone = False
+        info = {} if self.alone else self._read_info(fd)
+        if not self.alone and info.get("key") != self.key:
+            os.close(fd)
+            live = [h for h in info.get("holders", []) if _holder_alive(h)] or [{"pid": "?", "host": "?"}]
+            who = "; ".join(f"pid {h.get('pid')} on {h.get('host')} since {h.get('started', '?')}" for h in live)
+            diff = _config_diff(info.get("config") or {}, config) or "other inputs"
+            raise UsageError(f"{final}: in use by {who}, writing another config ({diff}); wait for it to finish, "
+                             "or write elsewhere")
+        fcntl.flock(fd, fcntl.LOCK_SH)  # the exclusive try-lock becomes shared; joiners queue on the mutex
+        self.fd = fd
+        me = {"pid": os.getpid(), "host": HOST, "started": _now()}
+        holders = [h for h in info.get("holders", []) if _holder_alive(h)]
+        self._write_info({"key": self.key, "config": config, "holders": holders + [me]})
+        self._held[os.path.abspath(final)] = self
 
     def release(self) -> None:
         if self.fd is None:
@@ -603,9 +609,10 @@ class StageOutput:
         if not is_main_process():
             return out._wait_for_main_process()
         final.parent.mkdir(parents=True, exist_ok=True)
-        out._lock = RunLock.acquire(final, key, config)
+        out._lock = RunLock.get(final, key)
         try:
             with out._lock.mutex():
+                out._lock.take(final, config)
                 out.path = out._choose_folder(key, overwrite, out._lock.alone)
                 out.path.mkdir(parents=True, exist_ok=True)
                 manifest = read_manifest(out.path) if manifest_file(out.path) else None
