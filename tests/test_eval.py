@@ -323,3 +323,29 @@ def test_pref_acc_on_held_out_groups(tmp_path):
         assert row["accuracy"] == pytest.approx(np.mean([row["reward_chosen"] > r for r in row["reward_rejected"]]))
     assert summary["overall"]["pref_acc"]["mean"] == pytest.approx(np.mean([r["accuracy"] for r in acc]))
     assert summary["ref_model"] == str(ref)
+
+
+# ----------------------------------------------------------------------------------------------- task column
+
+def test_prepare_keeps_the_task_family(tmp_path):
+    from negalign.errors import BadInput
+
+    rows = [{"prompt": "q1", "target": "a", "task": "sums", "family": "x"},
+            {"prompt": "q2", "target": "b", "task": None, "family": "y"},
+            {"prompt": "q3", "target": "c", "family": "y"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+
+    def tasks(run: Path) -> dict[str, str | None]:
+        t = pq.read_table(sorted((run / "prompts").glob("*.parquet"))[0]).to_pylist()
+        return {r["messages"][-1]["content"]: r["task"] for r in t}
+
+    prepare.run(PrepareConfig(run=str(tmp_path / "a"), input=str(data)))  # default: `task` when present
+    assert tasks(tmp_path / "a") == {"q1": "sums", "q2": None, "q3": None}
+    prepare.run(PrepareConfig(run=str(tmp_path / "b"), input=str(data), task_field="family"))
+    assert tasks(tmp_path / "b") == {"q1": "x", "q2": "y", "q3": "y"}
+    with pytest.raises(BadInput, match="family"):
+        prepare.run(PrepareConfig(run=str(tmp_path / "c"), input=str(write_jsonl(tmp_path / "e.jsonl", [
+            {"prompt": "q", "target": "a"}])), task_field="family"))
+    with pytest.raises(BadInput, match="task"):
+        prepare.run(PrepareConfig(run=str(tmp_path / "d"), input=str(write_jsonl(tmp_path / "f.jsonl", [
+            {"prompt": "q", "target": "a", "task": ["a", "list"]}]))))
