@@ -403,8 +403,13 @@ def open_stage(path: Path, stage: str | None = None, *, verify: bool = False,
         raise NegalignError(f"{path / bad[0]}: sha256 does not match the manifest; re-run the stage to redo it")
     opened = StageInput(path, manifest)
     kind = manifest["stage"] if manifest["stage"] in SCHEMAS else stage
-    if kind and opened.shard_files():
-        check_schema(pq.read_schema(opened.shard_files()[0]), kind, opened.shard_files()[0])
+    if kind and opened.shard_files():  # fail early, before any model loads; reads check every shard again
+        first = opened.shard_files()[0]
+        try:
+            schema = pq.read_schema(first)
+        except (OSError, pa.ArrowException) as e:
+            raise NegalignError(f"{first}: damaged (unreadable Parquet footer); re-run the stage to redo it") from e
+        check_schema(schema, kind, first)
     if check_lineage and (why := stale_reason(opened)):
         raise UsageError(why)
     return opened

@@ -17,7 +17,7 @@ from negalign import filter as filter_mod
 from negalign import pair as pair_mod
 from negalign.config import FilterConfig, PairConfig
 from negalign.embed import embed_schema, text_sha
-from negalign.errors import UsageError
+from negalign.errors import NegalignError, UsageError
 from negalign.models import chat_template_hash, model_fingerprint
 from negalign.prepare import prompt_id
 from negalign.sample import SAMPLE_SCHEMA
@@ -179,3 +179,29 @@ def test_unknown_hub_model_offline_is_one_line_usage_error(small_prompts: Path) 
     proc = negalign("sample", "--run", small_prompts, "--model", "nosuchorg/x", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "nosuchorg/x: no such model folder or alias" in proc.stderr
+
+
+@pytest.mark.parametrize("where", [1 / 3, 0.98])  # in the data pages; in the footer
+def test_a_flipped_bit_upstream_stops_filter_and_pair(chain: Path, where: float) -> None:
+    f = chain / "samples" / "part-00000.parquet"
+    data = bytearray(f.read_bytes())
+    data[int(len(data) * where)] ^= 0x01
+    f.write_bytes(bytes(data))
+    for run_stage in (lambda: filter_mod.run(FilterConfig(run=str(chain), overwrite=True, keep_fraction=0.5)),
+                      lambda: pair_mod.run(PairConfig(run=str(chain), overwrite=True, max_negatives=2))):
+        with pytest.raises(NegalignError, match=r"samples/part-00000.parquet: damaged \("):
+            run_stage()
+
+
+@pytest.mark.slow
+def test_failing_sample_overwrite_keeps_the_complete_samples(small_prompts: Path) -> None:
+    """Issue 8.3 as reported: a usage error and a bad value, each with --overwrite, left samples/ empty."""
+    fast = ["--engine", "hf", "--max-tokens", "4", "--threads", "1", "-n", "1"]
+    negalign("sample", "--run", small_prompts, *fast, check=True)
+    before = open_stage(small_prompts / "samples", "sample")
+    rows = before.read().to_pylist()
+    bad = negalign("sample", "--run", small_prompts, *fast, "--temperature", "0.5", "--overwrite",
+                   "--shard-index", "5", "--num-shards", "2")
+    assert bad.returncode == 2, bad.stderr
+    after = open_stage(small_prompts / "samples", "sample")
+    assert after.fingerprint == before.fingerprint and after.read().to_pylist() == rows
