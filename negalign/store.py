@@ -806,6 +806,12 @@ class StageOutput:
         the swap (`_tidy`)."""
         old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
         if self.final.exists():
+            # A stage that also writes files of its own into the output folder (train: the model) wrote them
+            # during this run: they belong to the new output.
+            for entry in self.final.iterdir():
+                if (entry.name not in (MANIFEST, LEGACY_MANIFEST) and not (self.path / entry.name).exists()
+                        and entry.stat().st_mtime >= self.started):
+                    os.replace(entry, self.path / entry.name)
             os.replace(self.final, old)
         crash_point("swap-half-done")
         os.replace(self.path, self.final)

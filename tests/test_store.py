@@ -349,3 +349,15 @@ def test_inspect_shows_unknown_shard_total(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "1/?" in proc.stdout + proc.stderr and "None" not in proc.stdout + proc.stderr
+
+
+def test_files_a_stage_writes_into_its_folder_survive_the_swap(tmp_path: Path) -> None:
+    """`train` writes its model into the output folder itself, not as shards: --overwrite keeps what it wrote."""
+    _write_all(tmp_path / "m", {"a": 1}, shards=0)
+    (tmp_path / "m" / "old-weights.bin").write_text("old")
+    time.sleep(0.05)
+    out = StageOutput.open(tmp_path / "m", "toy", {"a": 2}, {"input": "abc"}, overwrite=True)
+    (out.final / "model.safetensors").write_text("new")
+    assert out.finish(0)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [MANIFEST, "model.safetensors"]
+    assert open_stage(tmp_path / "m").config == {"a": 2}
