@@ -33,7 +33,9 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = N_BOOT, 
     if x.size == 0:
         return {"mean": None, "lo": None, "hi": None, "n": 0}
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    chunk = max(1, 4_000_000 // x.size)  # resamples per draw: bounded memory for large evals
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(chunk, n_boot - i), x.size))].mean(axis=1)
+                            for i in range(0, n_boot, chunk)])
     lo, hi = _percentiles(means, level)
     return {"mean": float(x.mean()), "lo": lo, "hi": hi, "n": int(x.size)}
 
