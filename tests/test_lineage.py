@@ -205,3 +205,11 @@ def test_failing_sample_overwrite_keeps_the_complete_samples(small_prompts: Path
     assert bad.returncode == 2, bad.stderr
     after = open_stage(small_prompts / "samples", "sample")
     assert after.fingerprint == before.fingerprint and after.read().to_pylist() == rows
+
+
+def test_inspect_flags_stale_outputs(chain: Path) -> None:
+    before = negalign("inspect", chain, check=True)
+    assert "stale:" not in before.stdout + before.stderr
+    _samples(chain, open_stage(chain / "prompts"), "new")
+    after = negalign("inspect", chain, check=True)
+    assert (after.stdout + after.stderr).count("stale:") == 3  # embeddings, negatives, pairs
