@@ -44,7 +44,7 @@ def _shards_text(m: dict) -> str:
 
 
 def check(folder: Path, m: dict) -> str:
-    """"ok", or what is wrong with a stage output: damaged or missing shards (every byte is re-hashed), or an
+    """`ok`, or what is wrong with a stage output: damaged or missing shards (every byte is re-hashed), or an
     upstream output that changed since it was built."""
     bad = damaged_shards(folder, m)
     if bad:
