@@ -780,10 +780,10 @@ class StageOutput:
                        summary: dict[str, Any] | None) -> bool:
         manifest = self.manifest()
         expected = {shard_name(i) for i in range(num_shards)}
-        # Shards beyond the expected range come from an earlier, larger plan: drop them.
-        for extra in set(manifest["shards"]) - expected:
+        # Shards beyond the expected range come from an earlier, larger plan: drop them (files after the manifest).
+        extras = set(manifest["shards"]) - expected
+        for extra in extras:
             del manifest["shards"][extra]
-            (self.path / extra).unlink(missing_ok=True)
         manifest["num_shards"] = num_shards
         complete = all(manifest["shards"].get(n, {}).get("status") == "complete" for n in expected)
         manifest["timings"] = {**manifest.get("timings", {}), **(timings or {}),
@@ -796,6 +796,8 @@ class StageOutput:
             manifest["fingerprint"] = fingerprint([manifest["config_fingerprint"], manifest["inputs"], shas])
         manifest["updated_at"] = _now()
         atomic_write_json(self.path / MANIFEST, manifest)
+        for extra in extras:
+            (self.path / extra).unlink(missing_ok=True)
         if complete and self.path != self.final:
             self._swap_in()
         return complete
