@@ -471,10 +471,15 @@ def _norm(path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------------------------- state
 
+def _manifest_dir(path: Path) -> Path:
+    """Where a step output's manifest lives: the folder itself, or for an eval folder its scores/."""
+    return path / "scores" if store.read_manifest(path) is None and (path / "scores").is_dir() else path
+
+
 def path_fingerprint(path: Path) -> str | None:
     """A complete stage output: its manifest fingerprint; a file: its sha256; another folder: names, sizes and
     modification times of its files; None when missing."""
-    path = Path(path)
+    path = _manifest_dir(Path(path))
     if path.is_dir():
         manifest = store.read_manifest(path)
         if manifest is not None:
@@ -511,7 +516,7 @@ class State:
 
     def status(self, step: Step) -> tuple[str, str]:
         """(state, detail): done, missing, unfinished, config changed, input changed, output changed, not recorded."""
-        for out in step.outputs:
+        for out in map(_manifest_dir, step.outputs):
             manifest = store.read_manifest(out) if out.is_dir() else None
             if manifest is None:
                 return "missing", ""
