@@ -12,6 +12,7 @@ de-duplicated, and with `--max-neg-sim` those too close to a given negative are 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -118,21 +119,34 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
     }, schema=NEGATIVES_SCHEMA)
 
 
-def summarise(table: pa.Table) -> dict[str, Any]:
-    """Kept / dropped by reason and similarity quantiles (all candidates and kept ones)."""
+def _partial_summary(table: pa.Table) -> dict[str, Any]:
+    """What the summary needs of one output shard. Shards hold whole prompts, so prompt counts add up."""
     reasons = table.column("drop_reason").fill_null("kept").value_counts().to_pylist()
-    out: dict[str, Any] = {"candidates": table.num_rows, "by_reason": {r["values"]: r["counts"] for r in reasons},
-                           "prompts": len(pc.unique(table.column("prompt_id")))}
     kept_prompts = table.filter(table.column("kept")).column("prompt_id")
-    out["prompts_with_negatives"] = len(pc.unique(kept_prompts)) if len(kept_prompts) else 0
-    sims = table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(np.float64)
-    kept = table.column("kept").to_numpy(zero_copy_only=False)
+    return {"candidates": table.num_rows, "by_reason": Counter({r["values"]: r["counts"] for r in reasons}),
+            "prompts": len(pc.unique(table.column("prompt_id"))),
+            "prompts_with_negatives": len(pc.unique(kept_prompts)) if len(kept_prompts) else 0,
+            "sims": table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(np.float32),
+            "kept": table.column("kept").to_numpy(zero_copy_only=False).astype(bool)}
+
+
+def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Kept / dropped by reason and similarity quantiles (all candidates and kept ones), over shards."""
+    out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("candidates", "prompts", "prompts_with_negatives")}
+    out["by_reason"] = dict(sum((p["by_reason"] for p in parts), Counter()))
+    sims = np.concatenate([p["sims"] for p in parts]).astype(np.float64) if parts else np.zeros(0)
+    kept = np.concatenate([p["kept"] for p in parts]) if parts else np.zeros(0, dtype=bool)
     for name, mask in (("sim_quantiles_all", np.ones_like(kept)), ("sim_quantiles_kept", kept)):
         values = sims[mask & np.isfinite(sims)]
         out[name] = ({f"q{int(q * 100)}": round(float(v), 4) for q, v in
                       zip((0, 0.25, 0.5, 0.75, 1), np.quantile(values, [0, 0.25, 0.5, 0.75, 1]), strict=True)}
                      if values.size else {})
     return out
+
+
+def summarise(table: pa.Table) -> dict[str, Any]:
+    """Kept / dropped by reason and similarity quantiles (all candidates and kept ones) of a filter output."""
+    return _combine([_partial_summary(table)])
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -167,14 +181,17 @@ def run(cfg: FilterConfig) -> None:
     t0 = time.time()
     with progress() as bar:
         task = bar.add_task(f"filter → {out_dir}", total=num_shards, completed=num_shards - len(todo))
+        parts: dict[int, dict[str, Any]] = {}   # the summary's inputs, not the shards: memory stays small
         for s in todo:
             smp = samples.read_shard(s, ["prompt_id", "sample_idx", "text", "finish_reason"])
             result = filter_shard(embeddings.read_shard(s), smp, cfg, str(embeddings.path / shard_name(s)))
             out.write_shard(s, result, {"rows": result.num_rows, "kept": int(pc.sum(result.column("kept")).as_py()
                                                                               or 0)})
+            parts[s] = _partial_summary(result)
             bar.advance(task)
-    table = pa.concat_tables([out.read_shard(s) for s in range(num_shards)]) if num_shards else \
-        NEGATIVES_SCHEMA.empty_table()
-    summary = summarise(table)
+    for s in range(num_shards):                 # shards done by an earlier run: read back
+        if s not in parts:
+            parts[s] = _partial_summary(out.read_shard(s))
+    summary = _combine([parts[s] for s in range(num_shards)])
     out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

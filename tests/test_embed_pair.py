@@ -409,6 +409,10 @@ def test_filter_joins_samples_and_ranks_by_cosine(filter_run) -> None:
     stage = open_stage(run / "negatives", "filter")
     assert stage.manifest["summary"]["by_reason"] == {"kept": 9, "near_target": 2, "duplicate": 2, "empty": 1}
     assert stage.manifest["summary"]["prompts_with_negatives"] == 3
+    # A resumed run reads the finished shards back for the summary: the same summary.
+    (run / "negatives" / "part-00001.parquet").unlink()
+    negalign("filter", "--run", run, check=True)
+    assert open_stage(run / "negatives", "filter").manifest["summary"] == stage.manifest["summary"]
 
 
 def test_filter_groups_without_target_are_deduplicated_only(filter_run) -> None:
