@@ -264,8 +264,8 @@ class EvalConfig(Common):
 
 @dataclass
 class ReportConfig(Common):
-    against: list[str] = opt([], "Two eval names to compare prompt by prompt: --against A --against B (or "
-                                 "--against A,B).")
+    against: tuple[str, str] | None = opt(None, "Two eval names to compare prompt by prompt: --against A B "
+                                                "(YAML: against: [A, B]).")
     out: str | None = opt(None, "Output folder. [default: RUN/report]")
     bootstrap: int = opt(2000, "Bootstrap resamples for the paired intervals.", min=100)
 

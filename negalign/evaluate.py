@@ -534,13 +534,14 @@ def fmt_ci(m: dict[str, Any] | None, pct: bool = False, digits: int = 3) -> str:
 
 
 def _print_summary(summary: dict[str, Any], rescored: dict[str, int], out_dir: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     o = summary["overall"]
-    table = Table(title=f"eval {summary['name']} ({o['num_prompts']} prompts, 95% bootstrap intervals)",
+    table = Table(title=escape(f"eval {summary['name']} ({o['num_prompts']} prompts, 95% bootstrap intervals)"),
                   title_justify="left")
     for c in ("metric", "overall", *summary["by_task"]):
-        table.add_column(c)
+        table.add_column(escape(c))
     rows = [("accuracy", "accuracy", True), ("embed-sim", "embed_sim", False), ("win rate", "win_rate", True),
             ("σ(reward)", "reward_sigmoid", False), ("pref-acc", "pref_acc", True), ("tokens", "tokens", False),
             ("truncated", "truncated", True), ("distinct-1", "distinct_1", False), ("distinct-2", "distinct_2", False)]

@@ -96,7 +96,8 @@ class Group:
     def sort_key(self) -> tuple:
         m = self.first
         obj = OBJECTIVE_ORDER.index(m.objective) if m.objective in OBJECTIVE_ORDER else len(OBJECTIVE_ORDER)
-        return (obj, m.objective, m.k or 0, m.beta or 0.0, m.name)
+        greedy = bool((m.summary.get("generation") or {}).get("greedy"))
+        return (obj, m.objective, m.k or 0, m.beta or 0.0, not greedy, m.name)
 
     def value(self, key: str) -> dict[str, Any] | None:
         """{mean, lo, hi, se, seeds: [...]}: one model's bootstrap interval, or mean ± s.e. over seeds."""
@@ -143,9 +144,24 @@ def group_models(models: list[Model]) -> list[Group]:
                     key=Group.sort_key)
     labels = [_base_label(g.first) for g in groups]
     for g, label in zip(groups, labels, strict=True):
-        # Two groups with the same objective/K/β differ elsewhere (learning rate, λ, …): name their folders.
-        g.label = label if labels.count(label) == 1 else f"{label} [{', '.join(m.name for m in g.models)}]"
+        if labels.count(label) == 1:
+            g.label = label
+            continue
+        # Two groups with the same objective/K/β: told apart by decoding if that differs, else by folder names
+        # (they differ elsewhere in the training config: learning rate, λ, …).
+        same = [o for o, lab in zip(groups, labels, strict=True) if lab == label]
+        if len({_decoding(o.first) for o in same}) == len(same):
+            g.label = f"{label}, {_decoding(g.first)}"
+        else:
+            g.label = f"{label} [{', '.join(m.name for m in g.models)}]"
     return groups
+
+
+def _decoding(m: Model) -> str:
+    gen = m.summary.get("generation") or {}
+    if gen.get("greedy"):
+        return "greedy"
+    return f"T={gen.get('temperature')}, n={m.summary.get('num_samples')}"
 
 
 # ----------------------------------------------------------------------------------------------- formatting
@@ -290,12 +306,12 @@ def plot_lengths(groups: list[Group], tokens: dict[str, np.ndarray], out: Path) 
     if not data:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(data) + 1.4))
+    fig, ax = plt.subplots(figsize=(8.0, 0.6 * len(data) + 1.5))
     ax.boxplot(data, orientation="horizontal", showmeans=True, tick_labels=labels,
                meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 4})
     ax.invert_yaxis()  # the first model on top, as in the table
     ax.set_xlabel("answer length (tokens, EOS included)")
-    ax.set_title("Answer length per model (box: quartiles, line: median, diamond: mean)", fontsize=9)
+    fig.suptitle("Answer length per model (box: quartiles, line: median, diamond: mean)", fontsize=9)
     fig.tight_layout()
     path = out / "lengths.png"
     fig.savefig(path)
@@ -378,7 +394,7 @@ def run(cfg: ReportConfig) -> Path:
     models = load_models(run_dir)
     if not models:
         raise UsageError(f"{run_dir / 'eval'}: no evaluated models (no eval/NAME/summary.json); run `eval` first")
-    against = [n for item in cfg.against for n in item.replace(",", " ").split()]
+    against = [n for item in (cfg.against or []) for n in str(item).replace(",", " ").split()]
     if against and len(against) != 2:
         raise UsageError(f"--against takes two eval names (--against A --against B), got {len(against)}")
     by_name = {m.name: m for m in models}
@@ -476,22 +492,24 @@ def _short(v: dict[str, Any] | None, key: str) -> str:
 
 
 def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     cols = [k for k in _columns(groups) if k not in ("distinct_1", "distinct_2")]
-    table = Table(title="report: mean [95% bootstrap interval], or mean ±s.e. over n seeds; rates in %; "
+    table = Table(title="report: mean \\[95% bootstrap interval], or mean ±s.e. over n seeds; rates in %; "
                         "distinct-n and per-seed values in report.md", title_justify="left")
     table.add_column("model", overflow="fold")
     for k in cols:
         table.add_column(LABELS[k] + (" %" if k in PCT else ""), overflow="fold")
     for g in groups:
-        table.add_row(g.label, *[_short(g.value(k), k) for k in cols])
+        table.add_row(escape(g.label), *[_short(g.value(k), k) for k in cols])
     console.print(table)
     if comparison:
-        t2 = Table(title=f"paired: A = {comparison['a']} vs B = {comparison['b']} ({comparison['prompts']} prompts)",
+        t2 = Table(title=escape(f"paired: A = {comparison['a']} vs B = {comparison['b']} "
+                                f"({comparison['prompts']} prompts)"),
                    title_justify="left")
         for c in ("metric", "A better", "tie", "B better", "A − B [paired 95% CI]", "McNemar p"):
-            t2.add_column(c)
+            t2.add_column(escape(c))
         for key, e in comparison["metrics"].items():
             t2.add_row(e["label"], str(e["win"]), str(e["tie"]), str(e["loss"]), _diff(e["diff"], key),
                        f"{e['mcnemar']['p']:.3g}" if "mcnemar" in e else "–")
