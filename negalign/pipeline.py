@@ -31,6 +31,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -498,8 +499,6 @@ class State:
         self.file = Path(run) / STATE_DIR / "state.json"
         self.steps: dict[str, Any] = {}
         if self.file.exists():
-            import json
-
             try:
                 self.steps = json.loads(self.file.read_text()).get("steps", {})
             except ValueError:
