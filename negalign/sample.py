@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import itertools
 import os
@@ -87,6 +88,10 @@ class HFEngine:
         import torch
 
         self.torch, self.cfg, self.tokenizer = torch, cfg, tokenizer
+        if not (_opt(cfg, "verbose", False) or cfg.debug):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the weight-loading bar; negalign's own bar follows
         self.device = best_device()
         dtype = _opt(cfg, "dtype", "auto")
         dtype = (torch.bfloat16 if self.device == "cuda" else torch.float32) if dtype in (None, "auto") \
@@ -173,11 +178,26 @@ def vllm_unavailable() -> str | None:
     return None
 
 
-def _quiet_vllm(verbose: bool) -> None:
-    """vLLM's own logs only with --verbose/--debug. Set before vLLM is imported; its engine processes inherit it."""
-    if "VLLM_LOGGING_LEVEL" not in os.environ or os.environ.get("_NEGALIGN_SET_VLLM_LEVEL"):
-        os.environ["VLLM_LOGGING_LEVEL"] = "INFO" if verbose else "ERROR"
-        os.environ["_NEGALIGN_SET_VLLM_LEVEL"] = "1"
+def quiet_vllm(verbose: bool) -> None:
+    """vLLM's own logs only with --verbose/--debug: its logger at ERROR, torch's C++ warnings (NUMA binding) at
+    ERROR, Python FutureWarnings off. Must run before vLLM is imported; its engine processes inherit the
+    environment. A value the user set in the environment wins."""
+    import logging
+    import warnings
+
+    if verbose:
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # Child processes (engine core, multiprocessing's resource tracker, which warns about shared memory the
+    # engine core leaves behind) read their warning filters from the environment.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning,"
+                                            "ignore:resource_tracker:UserWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # vLLM configures its logger only when an engine starts; what it logs while being imported would go to
+    # Python's last-resort handler.
+    logging.getLogger("vllm").setLevel(logging.ERROR)
 
 
 class VLLMEngine:
@@ -186,7 +206,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, cfg: SampleConfig, tokenizer: Any) -> None:
-        _quiet_vllm(bool(_opt(cfg, "verbose", False) or cfg.debug))
+        verbose = bool(_opt(cfg, "verbose", False) or cfg.debug)
+        quiet_vllm(verbose)
         import torch
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -195,7 +216,7 @@ class VLLMEngine:
         self.cfg, self.SamplingParams, self.TokensPrompt = cfg, SamplingParams, TokensPrompt
         self.final_only = RequestOutputKind.FINAL_ONLY
         kwargs: dict[str, Any] = {"tensor_parallel_size": _opt(cfg, "tensor_parallel_size", 1) or 1,
-                                  "dtype": _opt(cfg, "dtype", "auto") or "auto"}
+                                  "dtype": _opt(cfg, "dtype", "auto") or "auto", "use_tqdm_on_load": verbose}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
@@ -257,6 +278,7 @@ class VLLMEngine:
             with contextlib.suppress(Exception):
                 core.shutdown()
         self.llm = self.engine = None
+        gc.collect()  # the engine's shared-memory queues are unlinked when their owners are collected
 
 
 def max_model_len(cfg: SampleConfig) -> int:
@@ -276,6 +298,7 @@ def resolve_engine(cfg: SampleConfig) -> tuple[str, str]:
         raise UsageError(f"--engine must be auto, vllm or hf, got '{cfg.engine}'")
     if cfg.engine == "hf":
         return "hf", ""
+    quiet_vllm(bool(_opt(cfg, "verbose", False) or cfg.debug))
     why = vllm_unavailable()
     if why is None:
         return "vllm", ""
@@ -407,7 +430,6 @@ def run(cfg: SampleConfig) -> Path:
                                      for j in range(first, num_samples)]
     todo = sum(len(v) for v in requests_by_shard.values())
 
-    t0 = time.time()
     if plan:
         engine = start_engine(cfg, tokenizer, engine_name, why)
         label = model_label(cfg.model)
@@ -448,9 +470,11 @@ def run(cfg: SampleConfig) -> Path:
                         shards_done += 1
                     bar.update(task, advance=1, tokens=totals["tokens"],
                                description=f"sample {shards_done}/{len(plan)} shards")
+            elapsed = time.time() - t0
         finally:
             engine.close()
-    elapsed = time.time() - t0
+    else:
+        elapsed = 0.0
     timings: dict[str, Any] = {"generate_s": round(elapsed, 2), "engine": engine_name}
     if threads is not None:
         timings["threads"] = threads
