@@ -297,7 +297,7 @@ def _response_logps(model: Any, tokenizer: Any, messages: list[dict[str, str]], 
 
 
 def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], out_dir: Path,
-              model_fp: str) -> Path | None:
+              model_fp: str, task_of: dict[str, str | None]) -> Path | None:
     """Implicit-reward ranking accuracy on held-out groups; one row per group into out_dir/pref_acc."""
     if not cfg.pairs:
         return None
@@ -332,7 +332,8 @@ def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], ou
                 rf = _response_logps(reference, tok, g["messages"], texts)
                 r = [a - b for a, b in zip(pol, rf, strict=True)]
                 acc = float(np.mean([r[0] > x for x in r[1:]]))
-                rows.append({"prompt_id": g["prompt_id"], "task": g.get("task"), "reward_chosen": r[0],
+                rows.append({"prompt_id": g["prompt_id"], "task": g.get("task") or task_of.get(g["prompt_id"]),
+                             "reward_chosen": r[0],
                              "reward_rejected": r[1:], "accuracy": acc})
             out.write_shard(s, pa.Table.from_pylist(rows, schema=PREF_SCHEMA))
     out.finish(num_shards)
@@ -492,7 +493,8 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     if not scores.finish(num_shards, timings={"generate_s": round(gen_s, 2), "score_s": round(score_s, 2)}):
         raise NegalignError(f"{scores_dir}: scoring did not complete; re-run to resume")
 
-    pref_dir = _pref_acc(cfg, model_path, train_config, out_dir, model_fp)
+    task_of = {pid: p.get("task") for pid, p in prompts.items()}  # groups made from these prompts get their family
+    pref_dir = _pref_acc(cfg, model_path, train_config, out_dir, model_fp, task_of)
     scored = open_stage(scores_dir, "eval")
     pref = open_stage(pref_dir, "eval-pref").read() if pref_dir else None
     metric_meta = next(iter(scored.manifest["shards"].values()), {}).get("meta", {}).get("metrics", {})
