@@ -128,6 +128,8 @@ def load_models(run: Path) -> list[Model]:
     models = []
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         f = d / "summary.json"
+        if d.is_dir() and not f.is_file():
+            console.print(f"report: skipping {d} (no summary.json: its eval did not finish; re-run it to resume)")
         if f.is_file():
             try:
                 models.append(Model(d.name, d, json.loads(f.read_text())))
