@@ -213,3 +213,15 @@ def test_inspect_flags_stale_outputs(chain: Path) -> None:
     _samples(chain, open_stage(chain / "prompts"), "new")
     after = negalign("inspect", chain, check=True)
     assert (after.stdout + after.stderr).count("stale:") == 3  # embeddings, negatives, pairs
+
+
+def test_every_stage_folder_reads_with_pandas_polars_duckdb(chain: Path) -> None:
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    for name in ("prompts", "samples", "embeddings", "negatives", "pairs"):
+        rows = open_stage(chain / name).num_rows
+        assert len(pd.read_parquet(chain / name)) == rows, name
+        assert pl.scan_parquet(str(chain / name / "*.parquet")).collect().height == rows, name
+        assert duckdb.sql(f"select count(*) from '{chain / name}/*.parquet'").fetchall() == [(rows,)], name
