@@ -184,3 +184,37 @@ def test_tiny_pipeline_end_to_end(tmp_path: Path) -> None:
     assert "9 step(s) run" in first.stderr or "step(s) run" in first.stderr
     again = negalign("run", path, check=True)
     assert " 0 step(s) run" in again.stderr
+
+
+def _write(path: Path, stage: str, table) -> None:
+    from negalign.store import StageOutput
+
+    out = StageOutput.open(path, stage, {"test": True}, {})
+    out.write_shard(0, table)
+    out.finish(1)
+
+
+def test_rank_puts_the_worst_of_y_ref_and_the_negative_last(tmp_path: Path) -> None:
+    """SELM's feedback-free ranking: the target stays chosen; the rejected is whichever of y_ref and the first
+    negative is farther from the target (cosine under the run's embeddings)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from negalign.embed import text_sha
+    from negalign.pipeline import RankConfig, run_rank
+
+    texts = {"Paris": [1.0, 0.0], "It is Paris.": [0.8, 0.6], "Rome": [0.0, 1.0], "Lyon": [0.6, 0.8]}
+    emb = pa.table({"prompt_id": ["a"] * 4, "sample_idx": [-1, 0, 1, 2], "text_sha": [text_sha(t) for t in texts],
+                    "embedding": pa.array([np.array(v, np.float32) for v in texts.values()],
+                                          type=pa.list_(pa.float32(), 2))})
+    msg = [{"role": "user", "content": "Capital of France?"}]
+    pairs = pa.table({"prompt_id": ["a", "b"], "messages": [msg, msg], "chosen": ["Paris", "Paris"],
+                      "rejected": [["Lyon", "Rome"], ["Rome"]], "rejected_sim": [[0.6, 0.0], [0.0]],
+                      "anchors": pa.array([[], []], type=pa.list_(pa.string())), "y_ref": ["Rome", "It is Paris."]})
+    _write(tmp_path / "embeddings", "embed", emb)
+    _write(tmp_path / "pairs", "pair", pairs)
+    run_rank(RankConfig(run=str(tmp_path)))
+    rows = pq.read_table(tmp_path / "pairs_ranked" / "part-00000.parquet").to_pylist()
+    assert rows[0]["chosen"] == "Paris" and rows[0]["rejected"] == ["Rome", "Lyon"]  # y_ref (0.0) is worse than Lyon
+    assert rows[0]["rejected_sim"][0] == pytest.approx(0.0)
+    assert rows[1]["rejected"] == ["Rome"]  # y_ref (0.8) is closer than the negative: the negative stays rejected
