@@ -390,14 +390,27 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
             "chat_template_sha": template_sha}
 
 
-def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def training_arguments(cfg: TrainConfig, checkpoints: Path, device: str) -> TrainingArguments:
+    """The Trainer's settings. Creating them also sets up the process group under `accelerate launch` / torchrun
+    (gloo on CPU), so they come first."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return TrainingArguments(
+        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
+        data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, label_names=[],
+        use_cpu=device == "cpu", ddp_backend="gloo" if device == "cpu" and world > 1 else None,
+        ddp_find_unused_parameters=False)
 
 
 def run(cfg: TrainConfig) -> Path:
     from accelerate import PartialState
 
     from negalign.models import chat_template_hash, load_causal_lm, load_tokenizer, model_fingerprint
+    from negalign.store import fingerprint
     from negalign.threads import set_threads
 
     threads = set_threads(cfg.threads)
@@ -412,8 +425,7 @@ def run(cfg: TrainConfig) -> Path:
     hparams = resolved_hparams(cfg)
     name = default_name(cfg)
     out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "models", name)
-    state = PartialState()
-    main = state.is_main_process
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     input_stage, rows = read_input(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -422,24 +434,37 @@ def run(cfg: TrainConfig) -> Path:
     model_fp = model_fingerprint(cfg.model)
     config = stage_config(cfg, hparams, model_fp, template_sha)
     inputs = {"pairs" if input_stage.stage == "pair" else "prompts": input_stage.fingerprint}
+    # Checkpoints sit beside the output, keyed by the config: every rank writes its RNG state there, and a
+    # --resume never picks up another config's checkpoint.
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints-{fingerprint(config)[:12]}"
+    args = training_arguments(cfg, checkpoints, device)
+    state = PartialState()
+    main = state.is_main_process
+    world = state.num_processes
 
     out: StageOutput | None = None
-    with state.main_process_first():
-        if main:
-            existing = read_manifest(out_dir)
-            if (existing is not None and existing.get("status") == "complete" and not cfg.overwrite
-                    and existing.get("config") == config and existing.get("inputs") == inputs):
-                console.print(f"train: {out_dir} is already complete (same config and inputs); --overwrite redoes it")
-                return out_dir
+    done = False
+    if main:
+        existing = read_manifest(out_dir)
+        done = (existing is not None and existing.get("status") == "complete" and not cfg.overwrite
+                and existing.get("config") == config and existing.get("inputs") == inputs)
+        if done:
+            console.print(f"train: {out_dir} is already complete (same config and inputs); --overwrite redoes it")
+        else:
             out = StageOutput.open(out_dir, "train", config, inputs, overwrite=cfg.overwrite,
                                    info={"name": name, "share_prompt": cfg.share_prompt})
-    if not main and (read_manifest(out_dir) or {}).get("status") == "complete":
+    done = bool(state.num_processes > 1 and _broadcast_flag(done)) or done
+    if done:
         return out_dir
-    checkpoints = out_dir / "checkpoints"
-    resume_from = last_complete_checkpoint(checkpoints) if cfg.resume else None
-    if main and not cfg.resume:
+    resume_from = last_complete_checkpoint(checkpoints) if cfg.resume and main else None
+    state.wait_for_everyone()
+    if not main and cfg.resume:
+        resume_from = last_complete_checkpoint(checkpoints)
+    metrics_file = out.path / "metrics.jsonl" if out is not None else None
+    if main and resume_from is None:  # a fresh start, also --resume with no complete checkpoint: no stale log lines
         shutil.rmtree(checkpoints, ignore_errors=True)
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        assert metrics_file is not None
+        metrics_file.unlink(missing_ok=True)
     state.wait_for_everyone()
 
     items, skipped, truncated = build_items(cfg, rows, tokenizer)
@@ -452,7 +477,6 @@ def run(cfg: TrainConfig) -> Path:
         console.print(f"train {cfg.objective}: {len(items)} groups from {input_stage.path}; skipped: "
                       f"{skipped_text}; sequences truncated to --max-length {cfg.max_length}: {truncated}")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_causal_lm(cfg.model, device="cpu", trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False
     ref_dir = Path(cfg.ref_logps) if cfg.ref_logps else run_path(cfg, "ref_logps")
@@ -473,17 +497,6 @@ def run(cfg: TrainConfig) -> Path:
                                                  target_modules=list(cfg.lora_targets), lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))
 
-    _, world = _world()
-    args = TrainingArguments(
-        output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
-        data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
-        remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0, label_names=[],
-        use_cpu=device == "cpu", ddp_backend="gloo" if device == "cpu" and world > 1 else None,
-        ddp_find_unused_parameters=False)
     trainer = GroupTrainer(model=model, args=args, train_dataset=GroupDataset(items),
                            data_collator=GroupCollator(cfg.share_prompt, tokenizer.pad_token_id),
                            processing_class=tokenizer, objective=cfg.objective, hparams=hparams,
@@ -493,8 +506,7 @@ def run(cfg: TrainConfig) -> Path:
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    metrics_file = out_dir / "metrics.jsonl"
-    if main and resume_from is not None and metrics_file.exists():
+    if main and resume_from is not None and metrics_file is not None and metrics_file.exists():
         step = int(resume_from.name.split("-")[-1])  # drop log lines past the checkpoint: they will be redone
         lines = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
         metrics_file.write_text("".join(ln + "\n" for ln in lines))
@@ -508,29 +520,29 @@ def run(cfg: TrainConfig) -> Path:
     state.wait_for_everyone()
     if not main:
         return out_dir
+    assert out is not None and metrics_file is not None
 
     final = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.lora:
         final = final.merge_and_unload()
     final.config.use_cache = True
-    for f in out_dir.glob("*.safetensors"):
+    for f in out.path.glob("*.safetensors"):
         f.unlink()
-    final.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    final.save_pretrained(out.path, safe_serialization=True)
+    tokenizer.save_pretrained(out.path)
     steps = trainer.state.global_step
     logged = [json.loads(ln) for ln in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     losses_seen = [r["loss"] for r in logged if "loss" in r]
+    first_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
     summary = {"groups": len(items), "skipped": skipped, "truncated_sequences": truncated, "steps": steps,
                "train_loss": result.training_loss, "first_loss": losses_seen[0] if losses_seen else None,
                "last_loss": losses_seen[-1] if losses_seen else None, "ref_logps_computed": computed,
                "ref_logps_reused": reused, "seconds": round(elapsed, 2),
-               "seconds_per_step": round(elapsed / max(1, steps - (int(resume_from.name.split('-')[-1])
-                                                                   if resume_from else 0)), 3),
+               "seconds_per_step": round(elapsed / max(1, steps - first_step), 3),
                "threads": threads, "world_size": world, "share_prompt": cfg.share_prompt,
-               "trained_model_fingerprint": model_fingerprint(str(out_dir))}
-    assert out is not None
+               "trained_model_fingerprint": model_fingerprint(str(out.path))}
     out.finish(0, timings={"train_s": round(elapsed, 2)}, summary=summary)
+    shutil.rmtree(checkpoints, ignore_errors=True)
     console.print(f"train: {steps} steps in {elapsed:.1f} s "
                   f"({summary['seconds_per_step']:.2f} s/step), loss {summary['first_loss']} → "
                   f"{summary['last_loss']}; model → {out_dir}")
@@ -538,3 +550,11 @@ def run(cfg: TrainConfig) -> Path:
         raise NegalignError(f"training loss is {result.training_loss}; lower --lr")
     return out_dir
 
+
+def _broadcast_flag(flag: bool) -> bool:
+    """Rank 0's boolean, on every rank."""
+    import torch.distributed as dist
+
+    objs = [flag]
+    dist.broadcast_object_list(objs, src=0)
+    return bool(objs[0])
