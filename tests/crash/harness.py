@@ -75,30 +75,46 @@ class Zygote:
 
 # ------------------------------------------------------------------------------------------------ artifacts
 
-def _strip(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
 def _sorted_rows(files: list[Path]) -> list[str]:
     rows = [canonical_json(r) for f in files for r in pq.read_table(f).to_pylist()]
     return sorted(rows)
 
 
-def snapshot(path: Path) -> dict[str, Any]:
-    """What must be equal after crash + resume: sorted rows, manifest minus timings, the files present."""
+def _is_lock(name: str) -> bool:
+    return name.endswith((".lock", ".mutex"))
+
+
+def snapshot(path: Path, volatile: frozenset[str] = frozenset(), run: Path | None = None) -> dict[str, Any]:
+    """What must be equal after crash + resume: sorted rows, manifest minus timings (and `volatile` keys), the files
+    present and the sha256 of every other file (JSONL: its records minus `volatile`). A single file: its rows
+    (Parquet) or its JSON (minus `volatile`, with `run` written as {run})."""
     path = Path(path)
-    if path.is_file():  # a side output such as pair --export-trl
+    drop = VOLATILE | volatile
+
+    def strip(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: strip(v) for k, v in obj.items() if k not in drop}
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        if isinstance(obj, str) and run is not None:
+            return obj.replace(str(run), "{run}")
+        return obj
+
+    if path.suffix == ".parquet":  # a side output such as pair --export-trl
         return {"rows": _sorted_rows([path])}
+    if path.suffix == ".json":
+        return {"json": strip(json.loads(path.read_text()))}
     mf = manifest_file(path)
     assert mf is not None, f"{path}: no manifest"
     manifest = json.loads(mf.read_text())
     shards = [path / name for name in sorted(manifest["shards"])]
-    return {"manifest": _strip(manifest), "rows": _sorted_rows(shards),
-            "files": sorted(p.name for p in path.iterdir() if not p.name.endswith(".lock"))}
+    others: dict[str, Any] = {}
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.suffix != ".parquet" and p != mf and not _is_lock(p.name):
+            others[p.name] = ([strip(json.loads(line)) for line in p.read_text().splitlines()]
+                              if p.suffix == ".jsonl" else sha256_file(p))
+    return {"manifest": strip(manifest), "rows": _sorted_rows(shards), "others": others,
+            "files": sorted(p.name for p in path.iterdir() if not _is_lock(p.name))}
 
 
 def check_consistent(path: Path) -> None:
@@ -127,9 +143,20 @@ class Stage:
     args: list[str]
     outputs: list[str]  # folders (or files) under the run directory it writes
     inputs: list[str] = field(default_factory=list)  # what it reads from the base run (copied per trial)
+    volatile: frozenset[str] = frozenset()  # manifest/JSON keys that may differ after a resume (besides timings)
+    delay_only: bool = False  # kill after a delay only (e.g. `run`, whose steps are processes of their own)
+    subs: dict[str, str] = field(default_factory=dict)  # more `{key}` substitutions in args
 
     def argv(self, run: Path) -> list[str]:
-        return [a.replace("{run}", str(run)) for a in self.args]
+        out = []
+        for a in self.args:
+            for key, value in {"run": str(run), **self.subs}.items():
+                a = a.replace("{" + key + "}", value)
+            out.append(a)
+        return out
+
+    def snapshot(self, run: Path, out: str) -> dict[str, Any]:
+        return snapshot(run / out, self.volatile, run)
 
 
 @dataclass
@@ -151,13 +178,15 @@ def run_clean(zygote: Zygote, stage: Stage, run: Path) -> Clean:
     seconds = time.monotonic() - start
     assert code == 0, f"clean {stage.name} failed ({code}):\n{log.read_text()[-3000:]}"
     hits = json.loads(count_file.read_text())
-    assert hits, f"{stage.name} reached no crash point"
-    return Clean({o: snapshot(run / o) for o in stage.outputs}, seconds, hits)
+    if not stage.delay_only:
+        assert hits, f"{stage.name} reached no crash point"
+    return Clean({o: stage.snapshot(run, o) for o in stage.outputs}, seconds, hits)
 
 
 def draw_point(rng: random.Random, hits: dict[str, int]) -> str:
-    point = rng.choice(sorted(p for p, n in hits.items() if n > 0))
-    return f"{point}:{rng.randint(1, hits[point])}"
+    """One moment, uniformly among every time a crash point was reached in the clean run: `name:N`."""
+    moments = [f"{p}:{n}" for p in sorted(hits) for n in range(1, hits[p] + 1)]
+    return rng.choice(moments)
 
 
 def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path, seed: int) -> dict[str, Any]:
@@ -172,7 +201,7 @@ def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path,
             run.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, run / name)
     log = workdir / "log.txt"
-    if rng.random() < 0.25:
+    if stage.delay_only or rng.random() < 0.25:
         delay = rng.uniform(0.0, clean.seconds)
         code = zygote.run(stage.argv(run), log=log, kill_after=delay)
         what = {"kill": f"after {delay:.2f}s", "killed": code == SIGKILLED}
@@ -193,9 +222,13 @@ def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path,
     code = zygote.run(stage.argv(run), log=log)
     assert code == 0, f"{stage.name} resume after {what} exited {code}:\n{log.read_text()[-3000:]}"
     for out in stage.outputs:
-        got = snapshot(run / out)
+        got = stage.snapshot(run, out)
         want = clean.snapshots[out]
         assert got.get("files") == want.get("files"), f"{out} after {what}: files {got.get('files')}"
-        assert got["rows"] == want["rows"], f"{out} after {what}: rows differ from the clean run"
+        assert got.get("rows") == want.get("rows"), f"{out} after {what}: rows differ from the clean run"
+        differ = sorted(k for k in {**got.get("others", {}), **want.get("others", {})}
+                        if got.get("others", {}).get(k) != want.get("others", {}).get(k))
+        assert not differ, f"{out} after {what}: {differ} differ (kept in {workdir})"
         assert got.get("manifest") == want.get("manifest"), f"{out} after {what}: manifest differs"
+        assert got.get("json") == want.get("json"), f"{out} after {what}: JSON differs"
     return what

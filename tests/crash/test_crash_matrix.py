@@ -1,7 +1,7 @@
 """The crash matrix (issue 13): every stage killed with SIGKILL at drawn points, re-run, and compared with a clean run.
 
-Trials per stage: prepare, embed, filter, pair 20 each; sample 10. The README's "Guarantees" section quotes these
-numbers: change them together. See harness.py for what one trial does and checks.
+Trials per stage: prepare, embed, filter, pair 20 each; sample and eval 10 each; train and run 5 each. The README's
+"Guarantees" section quotes these numbers: change them together. See harness.py for what one trial does and checks.
 """
 
 from __future__ import annotations
@@ -12,28 +12,65 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import EXAMPLE_DATA
 from tests.crash.harness import Clean, Stage, Zygote, run_clean, trial
 
 pytestmark = pytest.mark.slow
 
-TRIALS = {"prepare": 20, "sample": 10, "embed": 20, "filter": 20, "pair": 20}
+TRIALS = {"prepare": 20, "sample": 10, "embed": 20, "filter": 20, "pair": 20, "train": 5, "eval": 10, "run": 5}
 
-# Tiny sizes, many shards: each shard boundary is a place to crash.
+# Tiny sizes, many shards: each shard boundary is a place to crash. {model} is a tiny random Llama with the default
+# policy's tokenizer (built once below), so sample, train and eval cost milliseconds per step.
 STAGES = {
-    "prepare": Stage("prepare", ["prepare", "--run", "{run}", "--input", "{run}/data.jsonl", "--test-fraction", "0.25",
+    "prepare": Stage("prepare", ["prepare", "--run", "{run}", "--input", "{run}/data.jsonl", "--test-fraction", "0.3",
                                  "--shard-size", "2", "--on-bad-row", "skip"],
                      outputs=["prompts", "prompts_test"], inputs=["data.jsonl"]),
     "sample": Stage("sample", ["sample", "--run", "{run}", "-n", "2", "--engine", "hf", "--max-tokens", "6",
-                               "--shard-size", "1", "--batch-size", "2"],
+                               "--shard-size", "1", "--batch-size", "2", "--model", "{model}"],
                     outputs=["samples"], inputs=["prompts"]),
     "embed": Stage("embed", ["embed", "--run", "{run}"], outputs=["embeddings"], inputs=["prompts", "samples"]),
     "filter": Stage("filter", ["filter", "--run", "{run}"], outputs=["negatives"],
                     inputs=["prompts", "samples", "embeddings"]),
     "pair": Stage("pair", ["pair", "--run", "{run}", "--export-trl", "{run}/trl.parquet"],
                   outputs=["pairs", "trl.parquet"], inputs=["prompts", "samples", "embeddings", "negatives"]),
+    # Resuming a killed train continues from the last complete checkpoint (--resume): same steps, same weights
+    # (model.safetensors compared by sha256), same per-step losses (metrics.jsonl). Trainer's `train_loss` only
+    # averages the steps of the last process, the `num_tokens` counter restarts at 0 in a resumed process, and the
+    # reference cache may be reused: those may differ.
+    "train": Stage("train", ["train", "--run", "{run}", "--model", "{model}", "--objective", "sc", "--batch-size",
+                             "1", "--max-steps", "6", "--save-steps", "1", "--resume", "--lr", "1e-3", "--name", "t"],
+                   outputs=["models/t"], inputs=["prompts", "samples", "embeddings", "negatives", "pairs"],
+                   volatile=frozenset({"train_loss", "seconds", "seconds_per_step", "ref_logps_computed",
+                                       "ref_logps_reused", "train_runtime", "train_samples_per_second",
+                                       "train_steps_per_second", "num_tokens"})),
+    "eval": Stage("eval", ["eval", "--run", "{run}", "--model", "{model}", "--name", "tiny", "--max-tokens", "4",
+                           "--shard-size", "1", "--engine", "hf"],
+                  outputs=["eval/tiny/generations", "eval/tiny/scores", "eval/tiny/summary.json"],
+                  inputs=["prompts_test"], volatile=frozenset({"seconds"})),
+    # `run` starts each step as a process of its own: killed after a delay, the whole process group goes.
+    "run": Stage("run", ["run", "{pipeline}", "--set", "run={run}"], outputs=["prompts", "first", "second"],
+                 inputs=[], delay_only=True),
 }
+
+
+def _tiny_model(folder: Path) -> Path:
+    """A random 1-layer Llama (hidden 16) with SmolLM2's tokenizer and chat template, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from negalign.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +83,24 @@ def zygote() -> Iterator[Zygote]:
 @pytest.fixture(scope="module")
 def base(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Clean]]:
     """One small run built once, stage by stage; each stage's output there is its clean result."""
-    run = tmp_path_factory.mktemp("crash-base") / "run"
+    root = tmp_path_factory.mktemp("crash-base")
+    run = root / "run"
     run.mkdir()
-    lines = EXAMPLE_DATA.read_text().splitlines()[::6]  # 8 prompts
+    lines = EXAMPLE_DATA.read_text().splitlines()[::4]  # 12 prompts
     (run / "data.jsonl").write_text("\n".join(lines + ['{"prompt": ""}']) + "\n")  # one bad row, skipped
-    cleans = {name: run_clean(zygote, stage, run) for name, stage in STAGES.items()}
-    assert json.loads((run / "samples" / "_manifest.json").read_text())["num_shards"] >= 4
+    pipeline = root / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump({"run": str(root / "unused"), "steps": [
+        {"name": "prep", "stage": "prepare", "input": str(run / "data.jsonl"), "shard_size": 2,
+         "on_bad_row": "skip"},
+        {"name": "first", "stage": "slice", "count": 6, "out": "${run}/first"},
+        {"name": "second", "stage": "slice", "prompts": "@first", "count": 3, "out": "${run}/second"}]}))
+    subs = {"model": str(_tiny_model(root / "tiny-model")), "pipeline": str(pipeline)}
+    cleans = {}
+    for name, stage in STAGES.items():
+        stage.subs = subs
+        clean_run = run if name != "run" else root / "run-pipeline"
+        cleans[name] = run_clean(zygote, stage, clean_run)
+    assert json.loads((run / "samples" / "_manifest.json").read_text())["num_shards"] >= 6
     return run, cleans
 
 
