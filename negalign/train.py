@@ -349,9 +349,21 @@ class ProgressAndMetrics(TrainerCallback):
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
+def _safetensors_readable(f: Path) -> bool:
+    """The file's header parses and its tensors fit in the file (a truncated or corrupt checkpoint fails this)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            st.keys()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to open means the checkpoint is not usable
+        return False
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The highest `checkpoint-N` whose trainer state parses and whose weights exist; later, broken ones (a crash
-    while saving) are removed so that the Trainer's rotation and resume never see them."""
+    """The highest `checkpoint-N` whose trainer state parses and whose weights exist and open; later, broken ones (a
+    crash while saving, a corrupt file) are removed so that the Trainer's rotation and resume never see them."""
     if not folder.is_dir():
         return None
     found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
@@ -360,7 +372,8 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
         try:
             json.loads((p / "trainer_state.json").read_text())
             rng = (p / "rng_state.pth").exists() or any(p.glob("rng_state_*.pth"))
-            complete = rng and any(p.glob("*.safetensors"))
+            weights = list(p.glob("*.safetensors"))
+            complete = rng and bool(weights) and all(_safetensors_readable(f) for f in weights)
         except (OSError, json.JSONDecodeError):
             complete = False
         if complete:
