@@ -130,3 +130,20 @@ def test_self_contrast_example_runs_tiny_on_one_path(tmp_path: Path) -> None:
     _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test.count=3",
               only=path)
     assert _evaluated(tmp_path) == {"sc-k2"}
+
+
+@pytest.mark.slow
+def test_examples_makefile_rebuilds_only_what_is_out_of_date(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = tmp_path / "mk"
+    args = ["make", "-f", "examples/Makefile", f"RUN={run}", f"NEGALIGN={sys.executable} -m negalign", "N=4",
+            "K=1", "STEPS=1", "MAX_TOKENS=8", "ENGINE=hf"]
+    first = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert (run / "eval" / "sc" / "summary.json").exists() and (run / "report" / "report.md").exists()
+    assert subprocess.run([*args, "-q"], cwd=ROOT).returncode == 0  # everything is up to date
+    (run / "pairs" / "_manifest.json").touch()  # pairs changed: train, eval of sc and the report are stale
+    dry = subprocess.run([*args, "-n"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "train" in dry and "eval --run" in dry and "sample" not in dry and "embed" not in dry
