@@ -11,16 +11,20 @@ fresh import of torch.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from negalign.store import manifest_file, open_stage
+from negalign.prepare import prompt_id
+from negalign.sample import SAMPLE_SCHEMA
+from negalign.store import PROMPTS_SCHEMA, StageOutput, manifest_file, open_stage
 from tests.conftest import EXAMPLE_DATA
-from tests.crash.harness import Zygote
+from tests.crash.harness import Zygote, tiny_embedder, tiny_model
 
 pytestmark = pytest.mark.slow  # one zygote start (imports torch once), then ~0.2-2 s per case
 
@@ -44,6 +48,7 @@ def fails(z: Zygote, tmp: Path, *args, code: int = 2, has: tuple[str, ...] = ())
     assert len(errors) == 1 and "Traceback" not in text, text[-2000:]
     for part in has:
         assert part in errors[0], errors[0]
+    print(f"\n[{rc}] {errors[0]}")  # pytest -s shows the matrix's messages (the README table quotes them)
     return errors[0]
 
 
@@ -251,3 +256,107 @@ def test_inspect_broken_manifest(zygote, tmp_path):
     (tmp_path / "r" / "prompts").mkdir(parents=True)
     (tmp_path / "r" / "prompts" / "_manifest.json").write_text('{"stage": "prompts", ')
     fails(zygote, tmp_path, "inspect", tmp_path / "r" / "prompts", code=2, has=("_manifest.json",))
+
+
+# ------------------------------------------------------------------------------------------------ model stages
+
+def _write_stage(path: Path, stage: str, rows: list[dict], schema: pa.Schema, info: dict | None = None) -> None:
+    out = StageOutput.open(path, stage, {"made_by": "test_bad_input"}, {}, info=info)
+    out.write_shard(0, pa.Table.from_pylist(rows, schema=schema))
+    assert out.finish(1)
+
+
+@pytest.fixture(scope="module")
+def made_run(zygote, tmp_path_factory) -> Path:
+    """Two prompts with hand-made samples: for the first every candidate is its target; embed, filter and pair run
+    on them with the real default embedder. Plus a tiny random policy at RUN/../tiny."""
+    tmp = tmp_path_factory.mktemp("made")
+    run = tmp / "run"
+    texts = {"What is the capital of France?": ("Paris", ["Paris", "Paris", "Paris", "Paris"]),
+             "What is 2+2?": ("4", ["4", "5", "four", "I think it is seven."])}
+    prompts, samples = [], []
+    for prompt, (target, candidates) in texts.items():
+        messages = [{"role": "user", "content": prompt}]
+        prompts.append({"prompt_id": prompt_id(messages), "messages": messages, "target": target, "negatives": None})
+        samples += [{"prompt_id": prompt_id(messages), "sample_idx": i, "text": t, "num_tokens": 2,
+                     "finish_reason": "stop", "seed": i, "engine": "hf", "model": "hand"}
+                    for i, t in enumerate(candidates)]
+    _write_stage(run / "prompts", "prompts", [{n: r.get(n) for n in PROMPTS_SCHEMA.names} for r in prompts],
+                 PROMPTS_SCHEMA)
+    _write_stage(run / "samples", "sample", samples, SAMPLE_SCHEMA, info={"num_samples": 4})
+    for stage in ("embed", "filter", "pair"):
+        ok(zygote, tmp, stage, "--run", run)
+    tiny_model(tmp / "tiny")
+    return run
+
+
+def test_every_candidate_identical_to_the_target(made_run) -> None:
+    negatives = {(r["prompt_id"], r["sample_idx"]): r for r in
+                 open_stage(made_run / "negatives", "filter").read().to_pylist()}
+    paris = prompt_id([{"role": "user", "content": "What is the capital of France?"}])
+    dropped = [negatives[(paris, i)] for i in range(4)]
+    assert not any(r["kept"] for r in dropped) and all(r["drop_reason"] for r in dropped)
+    pairs = open_stage(made_run / "pairs", "pair")
+    assert [g["prompt_id"] for g in pairs.read().to_pylist()] != [] and paris not in \
+        {g["prompt_id"] for g in pairs.read().to_pylist()}
+    assert sum(pairs.manifest["summary"]["skipped"].values()) == 1  # counted, not silently lost
+
+
+def test_train_num_negatives_larger_than_any_group(zygote, made_run, tmp_path) -> None:
+    fails(zygote, tmp_path, "train", "--run", made_run, "--model", made_run.parent / "tiny", "--num-negatives", "50",
+          "--allow-template-mismatch", "--max-steps", "1", "--name", "k50",
+          has=("--num-negatives 50", "no group"))
+    assert manifest_file(made_run / "models" / "k50") is None or \
+        json.loads(manifest_file(made_run / "models" / "k50").read_text())["status"] != "complete"
+
+
+def test_train_nonexistent_model_path(zygote, made_run, tmp_path) -> None:
+    fails(zygote, tmp_path, "train", "--run", made_run, "--model", tmp_path / "nope", "--name", "nope",
+          has=("nope", "not found"))
+
+
+def test_corrupt_checkpoint_is_not_resumed(zygote, made_run, tmp_path) -> None:
+    args = ("train", "--run", made_run, "--model", made_run.parent / "tiny", "--allow-template-mismatch",
+            "--max-steps", "3", "--save-steps", "1", "--batch-size", "1", "--resume", "--name", "ck")
+    rc = zygote.run([*args], log=tmp_path / "log.txt", env={"NEGALIGN_CRASH_AT": "checkpoint-save:3"})
+    assert rc == -9
+    checkpoints = [p for p in (made_run / "models").glob(".ck.checkpoints-*/checkpoint-*")]
+    assert checkpoints, list((made_run / "models").iterdir())
+    for p in checkpoints:  # corrupt every checkpoint's weights
+        for f in p.glob("*.safetensors"):
+            f.write_bytes(f.read_bytes()[:100])
+    ok(zygote, tmp_path, *args)  # starts over instead of loading broken weights
+    summary = json.loads(manifest_file(made_run / "models" / "ck").read_text())["summary"]
+    assert summary["steps"] == 3
+
+
+def test_embedder_with_another_dimension_on_resume(zygote, made_run, tmp_path) -> None:
+    run = tmp_path / "run"
+    for name in ("prompts", "samples"):
+        shutil.copytree(made_run / name, run / name)
+    emb = tiny_embedder(tmp_path / "emb", 32)
+    rc = zygote.run(["embed", "--run", run, "--embedder", emb], log=tmp_path / "log.txt",
+                    env={"NEGALIGN_CRASH_AT": "manifest-tmp-written:2"})
+    assert rc == -9
+    def files() -> dict[str, bytes]:  # a killed write's temporary file may be cleaned up: not compared
+        return {p.name: p.read_bytes() for p in (run / "embeddings").iterdir() if p.is_file() and p.name[0] != "."}
+
+    before = files()
+    shutil.rmtree(emb)
+    tiny_embedder(emb, 48)  # same folder, other model: 48 dimensions
+    fails(zygote, tmp_path, "embed", "--run", run, "--embedder", emb, has=("--overwrite",))
+    assert files() == before and before
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+@pytest.mark.parametrize(("steps", "message"), [
+    ([{"name": "a", "stage": "smaple"}], "unknown stage 'smaple'"),
+    ([{"name": "a", "stage": "slice", "prompts": "@b", "out": "x/a"},
+      {"name": "b", "stage": "slice", "prompts": "@a", "out": "x/b"}], "cycle: a -> b -> a"),
+], ids=["unknown-stage", "cycle"])
+def test_pipeline_unknown_stage_or_cycle(zygote, tmp_path, steps, message) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"run": str(tmp_path / "run"), "steps": steps}))
+    fails(zygote, tmp_path, "run", path, has=(str(path), message))
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -232,3 +232,45 @@ def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path,
         assert got.get("manifest") == want.get("manifest"), f"{out} after {what}: manifest differs"
         assert got.get("json") == want.get("json"), f"{out} after {what}: JSON differs"
     return what
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+def tiny_model(folder: Path) -> Path:
+    """A random 1-layer Llama (hidden 16) with SmolLM2's tokenizer and chat template, saved as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from negalign.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_embedder(folder: Path, dim: int) -> Path:
+    """A random 1-layer BERT sentence-transformers folder (mean pooling) of width `dim`, with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from negalign.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(dim)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=dim, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=2 * dim, max_position_embeddings=128)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": dim,
+                                                                  "pooling_mode_mean_tokens": True}))
+    return folder

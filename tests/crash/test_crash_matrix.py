@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLE_DATA
-from tests.crash.harness import Clean, Stage, Zygote, run_clean, trial
+from tests.crash.harness import Clean, Stage, Zygote, run_clean, tiny_model, trial
 
 pytestmark = pytest.mark.slow
 
@@ -55,24 +55,6 @@ STAGES = {
 }
 
 
-def _tiny_model(folder: Path) -> Path:
-    """A random 1-layer Llama (hidden 16) with SmolLM2's tokenizer and chat template, saved as safetensors."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from negalign.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def zygote() -> Iterator[Zygote]:
     z = Zygote()
@@ -94,7 +76,7 @@ def base(zygote: Zygote, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
          "on_bad_row": "skip"},
         {"name": "first", "stage": "slice", "count": 6, "out": "${run}/first"},
         {"name": "second", "stage": "slice", "prompts": "@first", "count": 3, "out": "${run}/second"}]}))
-    subs = {"model": str(_tiny_model(root / "tiny-model")), "pipeline": str(pipeline)}
+    subs = {"model": str(tiny_model(root / "tiny-model")), "pipeline": str(pipeline)}
     cleans = {}
     for name, stage in STAGES.items():
         stage.subs = subs
