@@ -200,7 +200,8 @@ def test_lora_merges_into_a_plain_folder(tiny_run):
 @pytest.mark.slow
 def test_sigkill_while_saving_then_resume_ends_at_the_same_step(tmp_path):
     run = make_run(tmp_path / "run")
-    args = ["--objective", "sc", "--num-negatives", "2", "--batch-size", "1", "--max-steps", "3", "--name", "r"]
+    args = ["--objective", "sc", "--num-negatives", "2", "--batch-size", "1", "--max-steps", "3", "--name", "r",
+            "--lora"]  # LoRA: small checkpoints, a quick test
     killed = negalign("train", "--run", run, "--threads", "1", "--save-steps", "1", *args,
                       env={"NEGALIGN_CRASH_AT": "checkpoint-save:2"}, timeout=300)
     assert killed.returncode == -9, killed.stderr  # SIGKILL in the middle of writing checkpoint-2
