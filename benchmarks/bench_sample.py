@@ -155,6 +155,100 @@ def worker_hf(args: argparse.Namespace) -> None:
                                       "start_s": started - t_start, "example": example})
 
 
+# ----------------------------------------------------------------------------------------------- same engine
+
+def same_engine(args: argparse.Namespace) -> None:
+    """One vLLM engine (negalign's own `VLLMEngine`), passes alternating in ABBA order: (A) plain
+    `llm.generate` given all of negalign's requests (one per sample, per-row seed) in one call, (B) the whole
+    `negalign.sample.run` stage loop (streaming, rows, shard files, manifest, progress bar) into a fresh folder,
+    on the same engine, timed as the CLI reports it (the manifest's generate_s: from the first request to the last
+    shard written). Engine start, machine and prefix cache are shared, so the ratio isolates the stage's
+    streaming loop; on a shared machine this is far less noisy than comparing two processes."""
+    import statistics
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from negalign import sample
+    from negalign.config import SampleConfig
+    from negalign.models import load_tokenizer, render_prompt_ids
+    from negalign.store import open_stage
+
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    run, _, _, _ = prepare(args)
+    cfg = SampleConfig(run=str(run), num_samples=args.n, max_tokens=args.max_tokens, seed=args.seed,
+                       model=args.model, engine="vllm", cpu_kv_cache_gb=args.kv_cache_gb, shard_size=args.shard_size)
+    tok = load_tokenizer(args.model)
+    prompts = open_stage(run / "prompts", "prompts").read(["prompt_id", "messages"]).to_pylist()
+    reqs = [(p["prompt_id"], j, render_prompt_ids(tok, p["messages"])) for p in prompts for j in range(args.n)]
+    t0 = time.perf_counter()
+    engine = sample.VLLMEngine(cfg, tok)
+    print(f"engine started in {time.perf_counter() - t0:.0f} s", flush=True)
+    llm = engine.llm
+    TokensPrompt, SamplingParams = engine.TokensPrompt, engine.SamplingParams
+
+    def plain() -> tuple[float, dict]:
+        params = [SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,
+                                 seed=sample.row_seed(args.seed, pid, j)) for pid, j, _ in reqs]
+        inputs = [TokensPrompt(prompt_token_ids=ids) for _, _, ids in reqs]
+        g0 = time.perf_counter()
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        return time.perf_counter() - g0, {(pid, j): len(o.outputs[0].token_ids)
+                                          for (pid, j, _), o in zip(reqs, outs, strict=True)}
+
+    passes = {"plain": 0}
+
+    def stage() -> tuple[float, dict]:
+        passes["plain"] += 1
+        out = args.out / f"same-engine-{passes['plain']}"
+        shutil.rmtree(out, ignore_errors=True)
+        import dataclasses
+
+        start, close = sample.start_engine, sample.VLLMEngine.close
+        sample.start_engine = lambda *a, **k: engine
+        sample.VLLMEngine.close = lambda self: None
+        try:
+            g0 = time.perf_counter()
+            sample.run(dataclasses.replace(cfg, out=str(out)))
+            wall = time.perf_counter() - g0
+        finally:
+            sample.start_engine, sample.VLLMEngine.close = start, close
+        stage_out = open_stage(out, "sample")
+        t = stage_out.read(["prompt_id", "sample_idx", "num_tokens"]).to_pylist()
+        gen = float(stage_out.manifest["timings"]["generate_s"])
+        print(f"    (stage: generate_s {gen:.1f} s of {wall:.1f} s in run(); the rest is reading and tokenizing "
+              "prompts, the model fingerprint, opening the output)", flush=True)
+        return gen, {(r["prompt_id"], r["sample_idx"]): r["num_tokens"] for r in t}
+
+    plain()  # warm-up, untimed: fills the prefix cache for both sides
+    results: dict[str, list[tuple[float, int]]] = {"plain": [], "stage": []}
+    counts: dict[str, dict] = {}
+    order = ["plain", "stage", "stage", "plain"] * args.repeat
+    for side in order:
+        secs, per_row = plain() if side == "plain" else stage()
+        tokens = sum(per_row.values())
+        results[side].append((secs, tokens))
+        counts[side] = per_row
+        print(f"  {side}: {tokens} tokens in {secs:.1f} s = {tokens / secs:.1f} tok/s (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+    engine.close()
+    same = sum(counts["stage"].get(k) == v for k, v in counts["plain"].items())
+    rate = {s: [t / x for x, t in r] for s, r in results.items()}
+    ratio_best = max(rate["stage"]) / max(rate["plain"])
+    ratio_med = statistics.median(rate["stage"]) / statistics.median(rate["plain"])
+    lines = [f"same-engine ABBA × {args.repeat}: {args.prompts} prompts × {args.n} × max {args.max_tokens} tokens",
+             "| side | passes | tokens per pass | tok/s per pass | best | median |", "|---|---:|---:|---|---:|---:|"]
+    for s, label in (("plain", "plain `llm.generate`, all requests in one call"),
+                     ("stage", "`negalign.sample.run` (streaming stage loop, shards written)")):
+        lines.append(f"| {label} | {len(rate[s])} | {', '.join(str(t) for _, t in results[s])} | "
+                     f"{', '.join(f'{x:.1f}' for x in rate[s])} | {max(rate[s]):.1f} | "
+                     f"{statistics.median(rate[s]):.1f} |")
+    lines.append(f"\nstage / plain: **{ratio_best:.3f}** (best pass each), **{ratio_med:.3f}** (median); "
+                 f"{same}/{len(counts['plain'])} rows with the same token count in the last passes.")
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "same_engine.md").write_text(text + "\n")
+
+
 # ----------------------------------------------------------------------------------------------- the parent
 
 def _busy_cpu_s() -> float:
@@ -328,6 +422,10 @@ def main() -> None:
                     help="torch threads for the HF sides (plain HF and negalign-hf) [default: torch's own]")
     ap.add_argument("--kv-cache-gb", type=float, default=2.0,
                     help="vLLM on CPU: KV cache GiB for every vLLM side (negalign's default)")
+    ap.add_argument("--same-engine", action="store_true",
+                    help="instead of the sides: one vLLM engine, ABBA passes of plain generate vs the sample "
+                         "stage's loop on it (--repeat rounds)")
+    ap.add_argument("--shard-size", type=int, default=64, help="negalign's --shard-size (--same-engine)")
     ap.add_argument("--worker", choices=["vllm", "vllm-rows", "hf"], help=argparse.SUPPRESS)
     ap.add_argument("--rendered", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
@@ -339,6 +437,8 @@ def main() -> None:
         return worker_vllm(args)
     if args.worker == "hf":
         return worker_hf(args)
+    if args.same_engine:
+        return same_engine(args)
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.engine_hf_negalign and "negalign-hf" not in engines:

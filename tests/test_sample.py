@@ -241,3 +241,7 @@ def test_two_workers_write_exactly_the_rows_of_one(small_prompts: Path) -> None:
     negalign("sample", "--run", small_prompts, *args, "--out", small_prompts / "one", check=True)
     two = open_stage(small_prompts / "two", "sample", verify=True)
     assert two.manifest["num_shards"] == 2 and rows(small_prompts / "two") == rows(small_prompts / "one")
+    # --data-parallel-size 2 starts the two workers itself (one engine per GPU on a GPU machine; HF on CPU here).
+    negalign("sample", "--run", small_prompts, *args, "--data-parallel-size", "2", "--out", small_prompts / "dp",
+             check=True)
+    assert rows(small_prompts / "dp") == rows(small_prompts / "one")
