@@ -176,7 +176,7 @@ def run_command(side: str, run: Path, out: str, parts: bool) -> dict:
     return result
 
 
-PARTS = ("read_shard", "filter_shard", "similarity", "selection", "write_shard", "read_output", "summary")
+PARTS = ("read_shard", "filter_shard", "similarity", "selection", "write_shard", "read_output")
 
 
 def markdown(results: dict, built: dict, args: argparse.Namespace, differ: int, rows: int) -> str:
@@ -189,6 +189,13 @@ def markdown(results: dict, built: dict, args: argparse.Namespace, differ: int, 
     a, b = results["negalign"], results["reference"]
     cmd = "    .venv/bin/python benchmarks/bench_filter.py " + " ".join(sys.argv[1:])
     return "\n".join([
+        "## filter", "",
+        "`negalign filter` end to end (the command, subprocess, Python start included) on a synthetic run written "
+        "through the store, against the same command with the paper's plain per-prompt loops for the similarity "
+        "(numpy dot per prompt) and the rule (dict dedup, stable argsort). Each side in its own process, one after "
+        "the other, in one run; parts are wall seconds inside the command (`filter shard` includes similarity and "
+        "selection; `read shard` = `StageInput.read_shard`, sha256 + Parquet, embeddings and samples; `write shard` "
+        "= `StageOutput.write_shard`, Parquet + fsync + manifest).", "",
         f"{args.prompts:,} prompts x {args.candidates} candidates, dim {args.dim}, {built['shards']} shards of "
         f"{args.shard_prompts} prompts ({built['embeddings_gib']:.1f} GiB of embeddings). Machine: "
         f"{os.cpu_count()} cores, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
