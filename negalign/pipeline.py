@@ -221,6 +221,10 @@ class Pipeline:
             if not isinstance(raw, dict):
                 raise UsageError(f"{path}: every step must be a mapping, got {raw!r}")
             raw = _substitute(raw, self.variables, f"{path}: step {raw.get('name', '?')}")
+            for step in [raw, *(raw.get("steps") or [] if "iterations" in raw else [])]:
+                name = str(step.get("name", "") if isinstance(step, dict) else "")
+                if "/" in name or "\\" in name or name.startswith("."):  # names become folders: keep them in RUN
+                    raise UsageError(f"{path}: step name {name!r} must be a plain name (no '/', no leading '.')")
             if "iterations" in raw:
                 self._expand_block(raw)
             else:

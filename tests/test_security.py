@@ -157,3 +157,17 @@ def test_output_names_are_confined_to_the_run_directory(tmp_path: Path, stage: s
     assert proc.returncode == 2, proc.stderr
     assert "plain folder name" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "deep" / "escape").exists() and not list(tmp_path.rglob("escape"))
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden"])
+def test_pipeline_step_names_are_confined_to_the_run_directory(tmp_path: Path, name: str) -> None:
+    import yaml
+
+    step = {"name": name, "iterations": 1, "model": "smollm2-135m", "prompts_per_round": 2,
+            "steps": [{"name": "s", "stage": "sample"}, {"name": "t", "stage": "train", "objective": "sft"}]}
+    path = tmp_path / "deep" / "pipeline.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({"run": str(tmp_path / "deep" / "run"), "steps": [step]}))
+    proc = negalign("run", path, "--dry-run")
+    assert proc.returncode == 2 and "must be a plain name" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "escape").exists()
