@@ -171,3 +171,12 @@ def test_pipeline_step_names_are_confined_to_the_run_directory(tmp_path: Path, n
     proc = negalign("run", path, "--dry-run")
     assert proc.returncode == 2 and "must be a plain name" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "escape").exists()
+
+
+def test_resume_checkpoints_load_with_weights_only() -> None:
+    """`train --resume` hands checkpoints to transformers' Trainer: every torch.load there is weights_only=True."""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("transformers.trainer").origin).read_text()
+    calls = _calls(source, "torch.load")
+    assert calls and all("weights_only=True" in c for c in calls), [c for c in calls if "weights_only=True" not in c]
