@@ -506,6 +506,8 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  target_modules=list(cfg.lora_targets), lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))

@@ -156,6 +156,9 @@ def test_sc_steps_lower_the_batch_loss_and_the_folder_loads(tiny_run):
     ids = tok.apply_chat_template([{"role": "user", "content": QA[0][0]}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    sampled = negalign("sample", "--run", tiny_run, "--model", out, "--engine", "hf", "-n", "1", "--max-tokens", "4",
+                       "--threads", "1", "--out", tiny_run / "samples_trained", timeout=300)
+    assert read_manifest(tiny_run / "samples_trained")["status"] == "complete", sampled.stderr  # works as --model
     again = train(tiny_run, "--objective", "sc", "--num-negatives", "4", "--batch-size", "3", "--epochs", "3",
                   "--lr", "2e-5", "--name", "sc-steps")
     assert "already complete" in again.stderr
