@@ -219,7 +219,9 @@ def same_engine(args: argparse.Namespace) -> None:
               "prompts, the model fingerprint, opening the output)", flush=True)
         return gen, {(r["prompt_id"], r["sample_idx"]): r["num_tokens"] for r in t}
 
-    plain()  # warm-up, untimed: fills the prefix cache for both sides
+    # Warm-up, untimed: one token per prompt fills the prefix cache, which later passes of both sides then hit.
+    llm.generate([TokensPrompt(prompt_token_ids=ids) for _, j, ids in reqs if j == 0],
+                 SamplingParams(max_tokens=1), use_tqdm=False)
     results: dict[str, list[tuple[float, int]]] = {"plain": [], "stage": []}
     counts: dict[str, dict] = {}
     order = ["plain", "stage", "stage", "plain"] * args.repeat
@@ -356,9 +358,14 @@ def prepare(args: argparse.Namespace) -> tuple[Path, list[str], str, str]:
     from negalign.models import load_tokenizer, render_prompt, resolve_model
     from negalign.store import fingerprint, open_stage
 
-    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()][:args.prompts]
+    if args.data.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(args.data, columns=["prompt", "target"]).to_pylist()[:args.prompts]
+    else:
+        rows = [json.loads(line) for line in args.data.read_text().splitlines() if line.strip()][:args.prompts]
     if len(rows) < args.prompts:
-        sys.exit(f"{DATA} has only {len(rows)} prompts")
+        sys.exit(f"{args.data} has only {len(rows)} prompts")
     run = args.out / "run"
     shutil.rmtree(run, ignore_errors=True)
     prompts_file = args.out / "prompts.jsonl"
@@ -397,10 +404,13 @@ def _f(x: float, nd: int = 1) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=8, help="first P prompts of examples/data/short_answers.jsonl")
+    ap.add_argument("--prompts", type=int, default=8, help="first P prompts of --data")
     ap.add_argument("-n", "--num-samples", dest="n", type=int, default=8, help="samples per prompt")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", type=Path, default=DATA,
+                    help="prompts: JSONL or Parquet with prompt and target columns (examples/data/tasks_train.parquet "
+                         "has 684)")
     ap.add_argument("--engines", default="negalign-vllm,vllm,vllm-rows,hf",
                     help=f"comma-separated, run in this order; any of {', '.join(ENGINES)}")
     ap.add_argument("--engine-hf-negalign", action="store_true",
@@ -541,7 +551,7 @@ def main() -> None:
                    f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
                    f"vllm {vllm_version}")
         intro = (
-            f"{args.prompts} prompts (first rows of `examples/data/short_answers.jsonl`, rendered with the "
+            f"{args.prompts} prompts (first rows of `{args.data}`, rendered with the "
             f"policy's chat template) × n = {args.n} samples × max {args.max_tokens} new tokens, temperature 1.0, "
             f"top_p 1.0, model `{args.model}` ({model_path}); each side a separate subprocess, run one after "
             f"another in one run. (a) the CLI `negalign sample --engine vllm` (tokens = Σ `num_tokens` of the "
