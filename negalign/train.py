@@ -505,7 +505,9 @@ def run(cfg: TrainConfig) -> Path:
             console.print(f"reference log-probs: {computed} computed, {reused} reused from {ref_dir}")
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
+        set_seed(cfg.seed)  # LoRA's A matrices are drawn at random: same seed, same start
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
