@@ -9,8 +9,9 @@ with the starting model, so no reference model is held while training (with `--l
 base with the adapter disabled). Checkpoints, LR schedule, `accelerate launch` and `report_to` are the Trainer's.
 
 Output `RUN/models/NAME/`: an HF model folder (safetensors, tokenizer with chat template; LoRA merged), the
-`_manifest.json` (stage "train", the resolved config, model fingerprint, summary), `metrics.jsonl`, and while
-running `checkpoints/` (removed once the run is complete).
+`_manifest.json` (stage "train", the resolved config, model fingerprint, summary) and `metrics.jsonl`. Checkpoints
+go to `RUN/models/.NAME.checkpoints-CONFIGHASH/` (every rank writes its RNG state there; `--resume` only finds a
+checkpoint of the same config) and are removed once the model is saved.
 """
 
 from __future__ import annotations
