@@ -117,7 +117,7 @@ def test_report_for_two_evaluated_models(tmp_path):
     run = tmp_path / "run"
     prepare.run(PrepareConfig(run=str(run), input=str(write_jsonl(tmp_path / "d.jsonl", rows))))
     common = dict(run=str(run), prompts=str(run / "prompts"), engine="hf", max_tokens=8, checker="contains",
-                  threads=1)
+                  threads=1, embed_sim=False)  # embed-sim is covered in test_eval; this keeps the test short
     evaluate.run(EvalConfig(**common))
     evaluate.run(EvalConfig(**common, name="sampled", num_samples=2, temperature=1.0))
     md_path = report.run(ReportConfig(run=str(run), against=["sampled", "smollm2-135m"]))
