@@ -125,11 +125,11 @@ def test_sr_dpo_example_runs_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_self_contrast_example_runs_tiny_on_one_path(tmp_path: Path) -> None:
-    """The full experiment is 15 trainings; at tiny size, one path through it: SFT, the data and sc-k2."""
-    path = "prepare*,test,sft-prompts,sc-prompts,sft,sample,embed,filter,pair,sc-k2,eval-sc-k2"
+    """The full experiment is 15 trainings; at tiny size, one path through it: SFT, the data and sc-k1-s0."""
+    path = "prepare*,test,sft-prompts,sc-prompts,sft,sample,embed,filter,pair,sc-k1-s0,eval-sc-k1-s0"
     _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test.count=3",
               only=path)
-    assert _evaluated(tmp_path) == {"sc-k2"}
+    assert _evaluated(tmp_path) == {"sc-k1-s0"}
 
 
 @pytest.mark.slow
