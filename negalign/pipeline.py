@@ -683,7 +683,11 @@ def _report(pipe: Pipeline) -> None:
         return
     if not any(s.stage == "eval" for s in pipe.steps) or importlib.util.find_spec("negalign.report") is None:
         return
-    options = pipe.report_options if isinstance(pipe.report_options, dict) else {}
+    options = dict(pipe.report_options) if isinstance(pipe.report_options, dict) else {}
+    missing = [a for a in options.get("against") or [] if not (pipe.run / "eval" / a / "summary.json").exists()]
+    if missing:  # e.g. after --only: the table without the paired comparison
+        console.print(f"report: no paired comparison, {', '.join(missing)} not evaluated yet")
+        options.pop("against")
     step = Step("report", "report", {"run": str(pipe.run), "seed": pipe.seed, **options})
     if "report" not in STAGES:
         return
