@@ -8,6 +8,8 @@ if [ "${1:-}" != "--assemble-only" ]; then
   $PY benchmarks/bench_sample.py
   $PY benchmarks/bench_embed.py
   $PY benchmarks/bench_filter.py --results benchmarks/RESULTS_filter.md
+  $PY benchmarks/bench_train.py --prompts 16 --steps 5 --batch-size 2 --dpo-batch-size 4 --results benchmarks/RESULTS_train.md
+  $PY benchmarks/bench_eval.py --prompts 16 --max-tokens 32 --engines hf,vllm --repeat 4
 fi
 {
   echo "# Benchmark results"
@@ -15,7 +17,7 @@ fi
   echo "Each section compares one negalign stage with the obvious alternative in the same run; ratios are the"
   echo "figures to trust (absolute times on a shared 2-core machine are noisy). Regenerate with \`make bench\`."
   echo
-  for part in sample embed filter; do
+  for part in sample embed filter train eval; do
     [ -f "benchmarks/RESULTS_$part.md" ] && { cat "benchmarks/RESULTS_$part.md"; echo; }
   done
 } > benchmarks/RESULTS.md

@@ -33,6 +33,7 @@ from negalign.console import console, progress
 from negalign.errors import UsageError
 from negalign.models import best_device, load_embedder, model_fingerprint, model_label, resolve_model
 from negalign.store import StageInput, StageOutput, my_shards, open_optional_stage, open_stage
+from negalign.threads import set_threads
 
 SOURCES = ("sample", "greedy", "target", "negative")
 TARGET_IDX = -1
@@ -136,7 +137,7 @@ def run(cfg: EmbedConfig) -> None:
     num_shards = samples.num_shards
     plan = [s for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards) if not out.done(s)]
     totals = {"rows": 0, "unique": 0, "texts": 0}
-    dim = None
+    dim, threads = None, None
     t0 = time.time()
     if plan:
         prompts = {r["prompt_id"]: r for r in prompts_in.read(["prompt_id", "target", "negatives"]).to_pylist()}
@@ -154,6 +155,7 @@ def run(cfg: EmbedConfig) -> None:
         # A first cheap pass counts the unique texts for the progress bar; shards are re-read one at a time below.
         todo = sum(len({text_sha(t) for *_, t in slots_of(s)}) for s in plan)
         device = best_device(cfg.device)
+        threads = set_threads(cfg.threads) if device == "cpu" else None
         model = load_embedder(cfg.embedder, device=device, trust_remote_code=cfg.trust_remote_code)
         dim = embedding_dim(model)
         out = StageOutput.open(out_dir, "embed", _stage_config(cfg, resolved), inputs, overwrite=False,
@@ -193,7 +195,8 @@ def run(cfg: EmbedConfig) -> None:
                "dim": dim if dim is not None else (min(dims) if dims else None),
                "sources": {src: sum(e["meta"].get("sources", {}).get(src, 0) for e in shards.values())
                            for src in SOURCES}}
-    complete = out.finish(num_shards, timings={"encode_s": round(elapsed, 2)}, summary=summary)
+    timings = {"encode_s": round(elapsed, 2)} | ({"threads": threads} if plan and threads else {})
+    complete = out.finish(num_shards, timings=timings, summary=summary)
     rate = totals["texts"] / elapsed if elapsed > 0 and plan else 0.0
     saved = 1 - totals["unique"] / totals["rows"] if totals["rows"] else 0.0
     mine = len(my_shards(num_shards, cfg.shard_index, cfg.num_shards))

@@ -319,9 +319,7 @@ def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], ou
         reference = load_causal_lm(ref, device=device, trust_remote_code=cfg.trust_remote_code).eval()
         files = pairs.shard_files()
         for s in plan:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(files[s]).to_pylist()
+            table = pairs.read_shard(files[s].name).to_pylist()
             rows = []
             for g in table:
                 rejected = [r for r in (g.get("rejected") or []) if r is not None]
@@ -482,9 +480,7 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
         todo = {m for m, fp in want.items() if fp is not None and had.get(m) != fp}
         if same and not todo:
             continue
-        import pyarrow.parquet as pq
-
-        table = _score_shard(pq.read_table(f), scores.read_shard(s) if same else None, todo, prompts, cfg, tools)
+        table = _score_shard(gens.read_shard(f.name), scores.read_shard(s) if same else None, todo, prompts, cfg, tools)
         scores.write_shard(s, table, {"generations_sha": gen_sha, "metrics": {m: v for m, v in want.items() if v}})
         rescored["shards"] += 1
         for m in todo:

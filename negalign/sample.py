@@ -401,7 +401,7 @@ def run(cfg: SampleConfig) -> Path:
     template_hash = chat_template_hash(tokenizer)
     model_fp = model_fingerprint(cfg.model)
     out = StageOutput.open(out_dir, "sample", _stage_config(cfg, engine_name, model_fp, template_hash),
-                           {"prompts": prompts.fingerprint}, overwrite=cfg.overwrite,
+                           {"prompts": prompts}, overwrite=cfg.overwrite,
                            info={"num_samples": num_samples, "rendered_prompts_sha": fingerprint(rendered),
                                  "chat_template": tokenizer.chat_template})
 
