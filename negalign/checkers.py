@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable
 
 KINDS = ("exact", "number", "contains", "json", "choice")
+NONE = "none"  # an open-ended family: no checker, embed-sim (and a reward model) judge it
 
 
 def normalise(text: str) -> str:
@@ -103,6 +104,6 @@ CHECKERS: dict[str, Callable[[str, str], bool]] = {
 
 def check(kind: str, reply: str | None, target: str | None) -> bool | None:
     """Whether `reply` is right under checker `kind`; None when there is no target to check against."""
-    if target is None:
+    if target is None or kind == NONE:
         return None
     return CHECKERS[kind](reply or "", target)

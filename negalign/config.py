@@ -242,7 +242,7 @@ class EvalConfig(Common):
     shard_size: int = opt(64, "Prompts per output shard.", min=1)
     checker: str = opt("exact", "How an answer is checked against the target: exact (case, whitespace and a trailing "
                                 "period ignored), number, contains, json, choice.",
-                       choices=("exact", "number", "contains", "json", "choice"))
+                       choices=("exact", "number", "contains", "json", "choice", "none"))
     checkers: dict[str, str] = opt({}, "Checker kind per task family (YAML only), e.g. {sums: number}; "
                                        "--checker for the other families.", cli=False)
     embedder: str | None = opt(None, "Embedder for embed-sim. [default: the run's (RUN/embeddings), else minilm]")

@@ -114,8 +114,9 @@ def checker_kind(task: str | None, cfg: EvalConfig) -> str:
 
 def _check_kinds(cfg: EvalConfig) -> None:
     for family, kind in {"--checker": cfg.checker, **cfg.checkers}.items():
-        if kind not in checkers.KINDS:
-            raise UsageError(f"checker for {family!r}: unknown kind {kind!r} (choose from {', '.join(checkers.KINDS)})")
+        if kind not in (*checkers.KINDS, checkers.NONE):
+            raise UsageError(f"checker for {family!r}: unknown kind {kind!r} (choose from "
+                             f"{', '.join((*checkers.KINDS, checkers.NONE))})")
 
 
 def distinct_n(texts: list[str], n: int) -> float | None:

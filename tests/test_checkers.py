@@ -88,3 +88,9 @@ def test_parsers():
     assert checkers.parse_number("12 + 3") is None
     assert checkers.parse_choice("Answer: (c)") == "C"
     assert checkers.normalise("  Hello   World. ") == "hello world"
+
+
+def test_none_kind_leaves_open_ended_answers_unchecked():
+    """`none` (e.g. one-sentence definitions): no accuracy at all, not a 0 that drags the mean down."""
+    assert check("none", "A river is a stream of water.", "A river is a large natural stream of water.") is None
+    assert check("none", "", "anything") is None
