@@ -33,7 +33,7 @@ import pyarrow as pa
 from negalign.config import PairConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
-from negalign.selection import draw_negatives
+from negalign.selection import draw_negatives, take_first_k
 from negalign.store import (
     StageInput,
     StageOutput,
@@ -52,6 +52,7 @@ PAIR_SCHEMA = pa.schema([
 ])
 TRL_SCHEMA = pa.schema([("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE))])
 SKIP_REASONS = ("no_target", "no_negatives")
+K_LADDER = (1, 2, 4, 8, 16)  # the paper's ablation: how many groups each train --num-negatives K can use
 # Filter drops that also disqualify a D2O self-sample (others, e.g. "near_target", mean nothing without a target).
 ANCHOR_DROPS = ("empty", "truncated", "duplicate", "near_negative", "near_duplicate")
 
@@ -181,8 +182,10 @@ def run(cfg: PairConfig) -> None:
                 table = pa.Table.from_pylist(groups, schema=PAIR_SCHEMA)
                 n_pairs = sum(len(g["rejected"]) for g in groups)
                 n_d2o = sum(g["chosen"] is None for g in groups)
+                rejected = [g["rejected"] for g in groups if g["chosen"] is not None]
+                usable = {str(k): len(take_first_k(rejected, k)[0]) for k in K_LADDER}
                 out.write_shard(s, table, {"groups": len(groups), "pairs": n_pairs, "d2o_groups": n_d2o,
-                                           "skipped": skipped})
+                                           "skipped": skipped, "groups_with_k": usable})
                 totals["groups"] += len(groups)
                 totals["pairs"] += n_pairs
                 totals["d2o"] += n_d2o
@@ -193,6 +196,8 @@ def run(cfg: PairConfig) -> None:
     summary = {"groups": sum(m.get("groups", 0) for m in metas), "pairs": sum(m.get("pairs", 0) for m in metas),
                "d2o_groups": sum(m.get("d2o_groups", 0) for m in metas),
                "skipped": {r: sum(m.get("skipped", {}).get(r, 0) for m in metas) for r in SKIP_REASONS}}
+    summary["groups_with_k"] = {str(k): sum(m.get("groups_with_k", {}).get(str(k), 0) for m in metas)
+                                for k in K_LADDER}
     with_target = summary["groups"] - summary["d2o_groups"]
     summary["mean_negatives_per_group"] = round(summary["pairs"] / with_target, 3) if with_target else 0.0
     complete = out.finish(num_shards, timings={"pair_s": round(time.time() - t0, 2)}, summary=summary)
@@ -212,6 +217,8 @@ def run(cfg: PairConfig) -> None:
     console.print(
         f"pair: {summary['groups']} groups ({summary['d2o_groups']} D2O), {summary['pairs']} pairs, "
         f"{summary['mean_negatives_per_group']:.2f} negatives per group; skipped: {skipped_text}; "
-        f"shards: {len(plan)} written, {mine - len(plan)} already done"
+        f"groups usable at train --num-negatives K: "
+        + ", ".join(f"K={k} {n}" for k, n in summary["groups_with_k"].items())
+        + f"; shards: {len(plan)} written, {mine - len(plan)} already done"
         + exported
         + ("" if complete else f" ({out_dir} completes when all workers finish)"))

@@ -479,3 +479,9 @@ def test_pair_groups_from_the_real_filter(filter_run) -> None:
     assert sorted(c["rejected_idx"]) == [1, 2] and c["rejected"] == [f"c{i}" for i in c["rejected_idx"]]
     assert d["chosen"] is None and d["negatives"] == ["given 1", "given 2"]
     assert sorted(d["anchors"]) == ["b0", "b2", "b3", "b4"]          # kept self-samples, no duplicate
+    # the summary says how many groups each `train --num-negatives K` can use (groups with a target and >= K)
+    summary = json.loads((run / "pairs" / "_manifest.json").read_text())["summary"]
+    with_target = [g for g in groups.values() if g["chosen"] is not None]
+    for k, n in summary["groups_with_k"].items():
+        assert n == sum(len(g["rejected"]) >= int(k) for g in with_target)
+    assert summary["groups_with_k"]["2"] == 2 and summary["groups_with_k"]["4"] == 0
