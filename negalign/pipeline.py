@@ -46,7 +46,7 @@ import pyarrow as pa
 import yaml
 
 from negalign import store
-from negalign.config import STAGES, load_yaml, resolve
+from negalign.config import STAGES, Common, load_yaml, opt, resolve, validate
 from negalign.console import console
 from negalign.errors import NegalignError, UsageError
 
@@ -65,30 +65,24 @@ STATE_DIR = "_pipeline"
 # ----------------------------------------------------------------------------------------------- internal stages
 
 @dataclass
-class SliceConfig:
+class SliceConfig(Common):
     """Write prompts[start:stop] (in prompt_id order, shuffled by seed) as a prompts artifact."""
 
-    run: str = "runs/exp"
-    seed: int = 0
-    prompts: str | None = None  # default: RUN/prompts
-    out: str | None = None  # default: RUN/STEP_NAME
-    start: int = 0
-    stop: int | None = None
-    count: int | None = None  # stop = start + count
-    overwrite: bool = False
+    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
+    out: str | None = opt(None, "Output folder. [default: RUN/STEP_NAME]")
+    start: int = opt(0, "First prompt of the slice.", min=0)
+    stop: int | None = opt(None, "End of the slice (exclusive).", min=0)
+    count: int | None = opt(None, "Prompts in the slice: stop = start + count.", min=0)
 
 
 @dataclass
-class RankConfig:
+class RankConfig(Common):
     """SELM: rank {target, y_ref, first rejected}; chosen = best, rejected = worst (SPEC §1.3)."""
 
-    run: str = "runs/exp"
-    seed: int = 0
-    pairs: str | None = None  # default: RUN/pairs
-    embeddings: str | None = None  # default: RUN/embeddings
-    out: str | None = None  # default: RUN/pairs_ranked
-    reward_model: str | None = None  # an HF sequence-classification model; default: similarity to the target
-    overwrite: bool = False
+    pairs: str | None = opt(None, "Pairs folder. [default: RUN/pairs]")
+    embeddings: str | None = opt(None, "Embeddings folder. [default: RUN/embeddings]")
+    out: str | None = opt(None, "Output folder. [default: RUN/pairs_ranked]")
+    reward_model: str | None = opt(None, "An HF sequence-classification model. [default: similarity to the target]")
 
 
 INTERNAL_CONFIGS = {"slice": SliceConfig, "rank": RankConfig}
@@ -354,7 +348,7 @@ class Pipeline:
             if step.stage in INTERNAL:
                 cls = INTERNAL_CONFIGS[step.stage]
                 try:
-                    step.cfg = cls(**options)
+                    step.cfg = validate(cls(**options), f"{self.path}: step '{step.name}'")
                 except TypeError as e:
                     raise UsageError(f"{self.path}: step '{step.name}': {e}") from e
             else:
