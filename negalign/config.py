@@ -171,6 +171,9 @@ QUALITY_PROMPT = ("Please generate a response with a usefulness rating of 100 ou
 class TrainConfig(Common):
     objective: str = opt("sc", "Training objective (see the README's objectives table).", choices=OBJECTIVES)
     model: str = opt("smollm2-135m", "Starting model (policy and reference): smollm2-135m or a local HF folder.")
+    ref_model: str | None = opt(None, "Reference model of the preference objectives, when it is not the starting "
+                                      "model (e.g. iterative rounds anchored at round 0): smollm2-135m or a local "
+                                      "HF folder with the same tokenizer. [default: --model]")
     name: str | None = opt(None, "Output name under RUN/models/. [default: the objective, plus -kK for K > 1]")
     pairs: str | None = opt(None, "Input folder: a pair output, or (sft only) a prompts output whose targets are "
                                   "the responses. [default: RUN/pairs; sft falls back to RUN/prompts]")

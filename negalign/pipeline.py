@@ -310,11 +310,7 @@ class Pipeline:
                     fixed["model"] = spec.get("model", current)
                 if spec.get("stage") == "train":
                     fixed["model"] = current
-                    train_fields = {f.name for f in dataclasses.fields(STAGES["train"].config)}
                     if reference == "start" and t > 1:
-                        if "ref_model" not in train_fields:
-                            raise UsageError(f"{self.path}: step '{name}': reference: start needs train's "
-                                             "ref_model option")
                         fixed["ref_model"] = start
                     spec.pop("eval", None)
                 made = self._expand_step(spec, run=run_t, prefix=prefix, fixed=fixed)

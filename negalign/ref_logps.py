@@ -4,17 +4,16 @@
 `ref_model` (models.model_fingerprint of the reference), `chat_template_sha`, `prompt_id`, `variant` (`plain`, or
 `quality:<sha>` for Sr-*'s p⊕x), `response_sha` (sha256 of the response text), `tokens_sha` (sha256 of the prompt
 and response token ids as trained, so truncation and template are part of the key), `logp` (summed, EOS included),
-`num_tokens`. Lookups use (`ref_model`, `tokens_sha`). Files are written atomically every few groups with unique
-names, so a killed computation keeps what it finished and a re-run computes only the rest. Nothing else lives here:
-no reference model is held while training.
+`num_tokens`. Lookups use (`ref_model`, `tokens_sha`). Files are written atomically every few groups, named
+`part-<ref_model>-sha-<sha256 of the file>.parquet`, so a killed computation keeps what it finished, a re-run
+computes only the rest, and a damaged file is refused by name (its content no longer matches). Nothing else lives
+here: no reference model is held while training.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from negalign.store import write_parquet
+from negalign.errors import BadInput
+from negalign.store import atomic_write, sha256_file
 
 SCHEMA = pa.schema([("ref_model", pa.string()), ("chat_template_sha", pa.string()), ("prompt_id", pa.string()),
                     ("variant", pa.string()), ("response_sha", pa.string()), ("tokens_sha", pa.string()),
@@ -56,18 +56,36 @@ class Need:
 
 
 def load(folder: Path, ref_model: str) -> dict[str, float]:
-    """{tokens_sha: logp} of every cached row for this reference model."""
+    """{tokens_sha: logp} of every cached row for this reference model; each file is checked against its name."""
     out: dict[str, float] = {}
     folder = Path(folder)
     if not folder.is_dir():
         return out
-    for f in sorted(folder.glob("part-*.parquet")):
-        t = pq.read_table(f, columns=["ref_model", "tokens_sha", "logp"])
+    for f in sorted(folder.glob(f"part-{ref_model}-*.parquet")):
+        expected = f.stem.split("-sha-")[-1] if "-sha-" in f.stem else None  # older files carry no checksum
+        if expected is not None and sha256_file(f)[:len(expected)] != expected:
+            raise BadInput("corrupt reference log-prob cache file (its sha256 does not match its name); delete it "
+                           "and its rows are recomputed", file=str(f))
+        try:
+            t = pq.read_table(f, columns=["ref_model", "tokens_sha", "logp"])
+        except (pa.ArrowException, OSError) as e:
+            raise BadInput(f"unreadable reference log-prob cache file ({e}); delete it and its rows are recomputed",
+                           file=str(f)) from e
         for m, k, v in zip(t.column("ref_model").to_pylist(), t.column("tokens_sha").to_pylist(),
                            t.column("logp").to_pylist(), strict=True):
             if m == ref_model:
                 out[k] = v
     return out
+
+
+def _write_part(folder: Path, ref_model: str, rows: list[dict[str, Any]]) -> Path:
+    """Write rows atomically under a name that carries the file's own sha256."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    path = folder / f"part-{ref_model}-sha-{hashlib.sha256(data).hexdigest()[:32]}.parquet"
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return path
 
 
 def compute(model: Any, needs: list[Need], folder: Path, *, ref_model: str, template_sha: str,
@@ -93,8 +111,7 @@ def compute(model: Any, needs: list[Need], folder: Path, *, ref_model: str, temp
     def flush() -> None:
         nonlocal pending, last_flush
         if pending:
-            name = f"part-{ref_model}-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-            write_parquet(folder / name, pa.Table.from_pylist(pending, schema=SCHEMA))
+            _write_part(folder, ref_model, pending)
             pending = []
         last_flush = time.time()
 

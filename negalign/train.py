@@ -379,13 +379,16 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
             complete = False
         if complete:
             return p
+        console.print(f"train: {p} is incomplete or damaged (a crash while saving?); removed, an earlier "
+                      "checkpoint is used if there is one")
         shutil.rmtree(p, ignore_errors=True)
     return None
 
 
 # ----------------------------------------------------------------------------------------------- run
 
-def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, template_sha: str) -> dict[str, Any]:
+def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, template_sha: str,
+                 ref_fp: str) -> dict[str, Any]:
     """What the trained model depends on (fingerprinted); run-time choices (sharing, saving, logging) are left out."""
     keys = ("objective", "num_negatives", "lam", "seed", "learning_rate", "lr_scheduler", "warmup_steps",
             "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "lora", "sft_weight",
@@ -400,6 +403,8 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
         out.update(lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_targets=list(cfg.lora_targets))
     from negalign.models import model_label
 
+    if cfg.objective != "sft" and ref_fp != model_fp:
+        out.update(ref_model=model_label(cfg.ref_model or cfg.model), ref_model_fingerprint=ref_fp)
     return {**out, "base_model": model_label(cfg.model), "model_fingerprint": model_fp,
             "chat_template_sha": template_sha}
 
@@ -446,7 +451,13 @@ def run(cfg: TrainConfig) -> Path:
     template_sha = chat_template_hash(tokenizer)
     check_template(cfg, input_stage, template_sha)
     model_fp = model_fingerprint(cfg.model)
-    config = stage_config(cfg, hparams, model_fp, template_sha)
+    ref_fp = model_fingerprint(cfg.ref_model) if cfg.ref_model and cfg.objective != "sft" else model_fp
+    if ref_fp != model_fp:
+        ref_template = chat_template_hash(load_tokenizer(cfg.ref_model, trust_remote_code=cfg.trust_remote_code))
+        if ref_template != template_sha and not cfg.allow_template_mismatch:
+            raise UsageError(f"--ref-model {cfg.ref_model}: its chat template differs from --model {cfg.model}'s "
+                             f"({ref_template[:12]} vs {template_sha[:12]}); --allow-template-mismatch overrides")
+    config = stage_config(cfg, hparams, model_fp, template_sha, ref_fp)
     inputs = {"pairs" if input_stage.stage == "pair" else "prompts": input_stage.fingerprint}
     # Checkpoints sit beside the output, keyed by the config: every rank writes its RNG state there, and a
     # --resume never picks up another config's checkpoint.
@@ -484,8 +495,8 @@ def run(cfg: TrainConfig) -> Path:
     items, skipped, truncated = build_items(cfg, rows, tokenizer)
     if not items:
         why = ", ".join(f"{k} {v}" for k, v in skipped.items()) or "no rows"
-        raise UsageError(f"no group fits --objective {cfg.objective} --num-negatives {cfg.num_negatives} "
-                         f"(skipped: {why})")
+        raise UsageError(f"{input_stage.path}: no group fits --objective {cfg.objective} --num-negatives "
+                         f"{cfg.num_negatives} (skipped: {why})")
     if main:
         skipped_text = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items()) or "none"
         console.print(f"train {cfg.objective}: {len(items)} groups from {input_stage.path}; skipped: "
@@ -496,12 +507,16 @@ def run(cfg: TrainConfig) -> Path:
     ref_dir = Path(cfg.ref_logps) if cfg.ref_logps else run_path(cfg, "ref_logps")
     computed = reused = 0
     if cfg.objective != "sft":
-        # The starting model is the reference: main computes what the cache lacks, the others then read it.
+        # The reference (the starting model unless --ref-model): main computes what the cache lacks, the others
+        # then read it. A separate reference is loaded only for that and freed before training.
         with state.main_process_first():
-            model.to(device)
-            computed, reused = attach_reference(cfg, items, model, ref_model=model_fp, template_sha=template_sha,
+            ref = model if ref_fp == model_fp else load_causal_lm(cfg.ref_model, device="cpu",
+                                                                   trust_remote_code=cfg.trust_remote_code)
+            ref.to(device)
+            computed, reused = attach_reference(cfg, items, ref, ref_model=ref_fp, template_sha=template_sha,
                                                 folder=ref_dir)
-            model.to("cpu")
+            ref.to("cpu")
+            del ref
         if main:
             console.print(f"reference log-probs: {computed} computed, {reused} reused from {ref_dir}")
     if cfg.lora:
@@ -528,6 +543,8 @@ def run(cfg: TrainConfig) -> Path:
         step = int(resume_from.name.split("-")[-1])  # drop log lines past the checkpoint: they will be redone
         lines = [ln for ln in metrics_file.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
         metrics_file.write_text("".join(ln + "\n" for ln in lines))
+        counts = [json.loads(ln)["num_tokens"] for ln in lines if "num_tokens" in json.loads(ln)]
+        trainer.tokens_seen = int(counts[-1]) if counts else 0  # the token count goes on from the checkpoint
     trainer.add_callback(ProgressAndMetrics(trainer, metrics_file))
     if main and resume_from is not None:
         console.print(f"resuming from {resume_from}")
@@ -553,7 +570,9 @@ def run(cfg: TrainConfig) -> Path:
     losses_seen = [r["loss"] for r in logged if "loss" in r]
     first_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
     summary = {"groups": len(items), "skipped": skipped, "truncated_sequences": truncated, "steps": steps,
-               "train_loss": result.training_loss, "first_loss": losses_seen[0] if losses_seen else None,
+               # the mean over every logged step, also across a --resume (the Trainer's covers this process only)
+               "train_loss": sum(losses_seen) / len(losses_seen) if losses_seen else result.training_loss,
+               "first_loss": losses_seen[0] if losses_seen else None,
                "last_loss": losses_seen[-1] if losses_seen else None, "ref_logps_computed": computed,
                "ref_logps_reused": reused, "seconds": round(elapsed, 2),
                "seconds_per_step": round(elapsed / max(1, steps - first_step), 3),

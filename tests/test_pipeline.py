@@ -60,11 +60,13 @@ def test_order_follows_the_data_and_refs(tmp_path: Path) -> None:
     assert pipe.steps[1].deps == ["prep"]  # slice's default input is RUN/prompts, which prepare writes
 
 
-def test_iterations_chain_models_and_take_fresh_prompt_slices(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reference", ["previous", "start"])
+def test_iterations_chain_models_and_take_fresh_prompt_slices(tmp_path: Path, reference: str) -> None:
     path = write_yaml(tmp_path / "p.yaml", {
         "run": str(tmp_path / "run"),
         "steps": [{"name": "prep", "stage": "prepare", "input": str(TASKS)},
                   {"name": "selm", "iterations": 2, "model": "smollm2-135m", "prompts_per_round": 8,
+                   "reference": reference,
                    "steps": [{"name": "greedy", "stage": "sample", "greedy": True},
                              {"name": "sample", "stage": "sample", "num_samples": 4},
                              {"name": "embed", "stage": "embed"}, {"name": "filter", "stage": "filter"},
@@ -76,6 +78,9 @@ def test_iterations_chain_models_and_take_fresh_prompt_slices(tmp_path: Path) ->
     assert by["selm/iter-2/sample"].cfg.model == str(run / "selm" / "iter-1" / "models" / "train")
     assert by["selm/iter-2/train"].cfg.model == str(run / "selm" / "iter-1" / "models" / "train")
     assert by["selm/iter-2/train"].cfg.pairs == str(run / "selm" / "iter-2" / "pairs_ranked")
+    # the reference: the previous iterate (train's default, its --model) or the fixed start model
+    assert by["selm/iter-1/train"].cfg.ref_model is None
+    assert by["selm/iter-2/train"].cfg.ref_model == (None if reference == "previous" else "smollm2-135m")
     assert (by["selm/iter-1/prompts"].cfg.start, by["selm/iter-2/prompts"].cfg.start) == (0, 8)
     assert "selm/iter-1/train" in by["selm/iter-2/sample"].deps
     assert by["selm/iter-2/embed"].outputs == [run / "selm" / "iter-2" / "embeddings"]

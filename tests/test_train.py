@@ -18,6 +18,7 @@ import torch
 
 from negalign.config import TrainConfig, validate
 from negalign.errors import UsageError
+from negalign.models import model_fingerprint
 from negalign.pair import PAIR_SCHEMA
 from negalign.store import PROMPTS_SCHEMA, StageOutput, read_manifest
 from negalign.train import truncate
@@ -199,6 +200,17 @@ def test_lora_merges_into_a_plain_folder(tiny_run):
     w, w0 = trained.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight
     assert w.shape == w0.shape and not torch.equal(w, w0)  # adapter merged into the weights
 
+    # --ref-model: the start model trains against another reference (here the merged LoRA model), so at step 1 the
+    # policy is not the reference and the implicit rewards are not zero; the manifest names the reference.
+    proc = train(tiny_run, "--objective", "sc", "--num-negatives", "2", "--max-steps", "1", "--ref-model", out,
+                 "--name", "sc-ref")
+    ref_run = tiny_run / "models" / "sc-ref"
+    config = read_manifest(ref_run)["config"]
+    assert config["ref_model_fingerprint"] == model_fingerprint(str(out)), proc.stderr
+    assert config["ref_model_fingerprint"] != config["model_fingerprint"]
+    first = next(m for m in metrics(ref_run) if "loss" in m)
+    assert abs(first["rewards/chosen"]) > 1e-3
+
 
 @pytest.mark.slow
 def test_sigkill_while_saving_then_resume_ends_at_the_same_step(tmp_path):
@@ -239,3 +251,19 @@ def test_two_process_accelerate_launch_on_cpu(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(tiny_run / "models" / "ddp")
     assert manifest["status"] == "complete" and manifest["summary"]["world_size"] == 2
+
+
+def test_reference_cache_files_are_checked_against_their_names(tmp_path):
+    from negalign import ref_logps
+    from negalign.errors import BadInput
+
+    row = {"ref_model": "abc", "chat_template_sha": "t", "prompt_id": "p0", "variant": "plain", "response_sha": "r",
+           "tokens_sha": ref_logps.tokens_sha([1, 2], [3]), "logp": -1.5, "num_tokens": 1}
+    part = ref_logps._write_part(tmp_path, "abc", [row])
+    assert ref_logps.load(tmp_path, "abc") == {row["tokens_sha"]: -1.5}
+    assert ref_logps.load(tmp_path, "other") == {}
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    part.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=part.name):
+        ref_logps.load(tmp_path, "abc")
