@@ -25,7 +25,6 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 REASONS: tuple[str | None, ...] = (
@@ -116,6 +115,8 @@ class Selection:
 
 # ------------------------------------------------------------------------------------------- similarity
 def _sp(a: np.ndarray):
+    import faiss
+
     return faiss.swig_ptr(a)
 
 
@@ -141,6 +142,8 @@ def cosine_to_target(cand_emb: np.ndarray, target_emb: np.ndarray, group: np.nda
     if group.shape != (len(cand_emb),):
         raise ValueError(f"group: expected shape ({len(cand_emb)},), got {group.shape}")
     _check_index(group, len(target_emb), "group")
+    import faiss  # here, not at the top: train imports this module for take_first_k and needs no FAISS
+
     m, d = cand_emb.shape
     target = np.ascontiguousarray(target_emb, dtype=np.float32)
     out = np.empty(m, dtype=np.float32)
