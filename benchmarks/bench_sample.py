@@ -226,12 +226,14 @@ def same_engine(args: argparse.Namespace) -> None:
     counts: dict[str, dict] = {}
     order = ["plain", "stage", "stage", "plain"] * args.repeat
     for side in order:
+        cpu0 = time.process_time()
         secs, per_row = plain() if side == "plain" else stage()
+        cpu = time.process_time() - cpu0  # CPU seconds of this (the main) process: the engine core runs elsewhere
         tokens = sum(per_row.values())
         results[side].append((secs, tokens))
         counts[side] = per_row
-        print(f"  {side}: {tokens} tokens in {secs:.1f} s = {tokens / secs:.1f} tok/s (load {os.getloadavg()[0]:.1f})",
-              flush=True)
+        print(f"  {side}: {tokens} tokens in {secs:.1f} s = {tokens / secs:.1f} tok/s (load {os.getloadavg()[0]:.1f}; "
+              f"main process {cpu:.1f} CPU-s)", flush=True)
     engine.close()
     same = sum(counts["stage"].get(k) == v for k, v in counts["plain"].items())
     rate = {s: [t / x for x, t in r] for s, r in results.items()}

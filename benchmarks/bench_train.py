@@ -13,7 +13,8 @@ Data: a synthetic pairs run written through the store (like tests/test_train.py)
    rejected of each group), same max_length, batch size, learning rate and optimizer (TrainingArguments' default):
    TRL's defaults with `bf16=False` (gradient checkpointing on, reference model run online), TRL tuned
    (`precompute_ref_log_probs=True`, no gradient checkpointing), and TRL's bf16 default reported separately.
-3. `sc` K = 8 with `--lora` against full fine-tuning.
+3. `sc` K = 8 with `--lora` against full fine-tuning, and `--lora --gradient-checkpointing` (TRL's default
+   checkpoints activations too).
 
 Per step: the time between the starts of consecutive `Trainer.training_step` calls (forward, backward, optimizer
 step, next batch), median over the steps after the first; tokens through the model (padding excluded; TRL's online
@@ -172,6 +173,9 @@ def main() -> None:
             str(b * args.k), "--no-share-prompt", "--name", "expanded", *common]),
         "sc K=8, prompt shared, LoRA": (NEGALIGN, ["train", "--objective", "sc", "--num-negatives", k,
                                                    "--batch-size", str(b), "--lora", "--name", "sc_lora", *common]),
+        "sc K=8, prompt shared, LoRA + gradient checkpointing": (NEGALIGN, [
+            "train", "--objective", "sc", "--num-negatives", k, "--batch-size", str(b), "--lora",
+            "--gradient-checkpointing", "--name", "sc_lora_gc", *common]),
         "negalign dpo": (NEGALIGN, ["train", "--objective", "dpo", "--batch-size", str(args.dpo_batch_size),
                                     "--name", "dpo", *common]),
     }
@@ -208,6 +212,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
 
     shared, trl_d, trl_t = "sc K=8, prompt shared", "TRL DPOTrainer defaults, bf16=False", \
         "TRL DPOTrainer tuned (precomputed ref, no checkpointing)"
+    lora_gc = "sc K=8, prompt shared, LoRA + gradient checkpointing"
     notes = [
         f"- sc K=8: pair expansion / prompt shared = **{ratio(shared, 'pair expansion (dpo on K pairs)')}x** "
         f"(goal >= 3); not shared / shared = {ratio(shared, 'sc K=8, not shared')}x.",
@@ -219,6 +224,10 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         + (f"{results['sc K=8, prompt shared, LoRA']['peak_rss_mib'] / results[trl_d]['peak_rss_mib']:.2f}"
            if 'sc K=8, prompt shared, LoRA' in results and trl_d in results else "n/a")
         + f" (goal <= 0.5); s/step LoRA / full = {ratio(shared, 'sc K=8, prompt shared, LoRA')}.",
+        "- LoRA + gradient checkpointing (TRL's default checkpoints too): peak RSS / TRL defaults = "
+        + (f"{results[lora_gc]['peak_rss_mib'] / results[trl_d]['peak_rss_mib']:.2f}"
+           if lora_gc in results and trl_d in results else "n/a")
+        + f" (goal <= 0.5); s/step / LoRA alone = {ratio('sc K=8, prompt shared, LoRA', lora_gc)}.",
     ]
     cmd = "    .venv/bin/python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
     head = (f"{args.prompts} synthetic groups (K = {args.k}), {args.steps} steps per variant, sc batch "

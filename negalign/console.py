@@ -43,4 +43,6 @@ def progress(rate_field: str | None = None, rate_unit: str = "tok/s") -> Progres
     if rate_field:
         columns.append(RateColumn(rate_field, rate_unit))
     columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-    return Progress(*columns, console=console, transient=False)
+    # 2 refreshes a second, not rich's 10: the bar's thread otherwise takes ~1% of a core from the engine that
+    # it reports on (measured beside vLLM's engine core on 2 cores).
+    return Progress(*columns, console=console, transient=False, refresh_per_second=2)

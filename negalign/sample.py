@@ -21,6 +21,8 @@ import gc
 import hashlib
 import itertools
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -229,8 +231,29 @@ class VLLMEngine:
             # generators have no offset ("CPU Generator does not use offset"): the engine dies once a batch of
             # seeded requests needs chunking. Without chunked prefill nothing is discarded.
             kwargs["enable_chunked_prefill"] = False
-        self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=max_model_len(cfg),
-                       trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
+        # vLLM's engine processes are spawned, and what they log while importing (before vLLM applies
+        # VLLM_LOGGING_LEVEL) would print, e.g. "Triton is installed, but doesn't include CPU backend". Unless
+        # --verbose, their stderr goes to a log file, named in the error if the engine fails.
+        self.log_path: str | None = None
+        saved_stderr = None
+        if not verbose:
+            fd, self.log_path = tempfile.mkstemp(prefix="negalign-vllm-", suffix=".log")
+            sys.stderr.flush()
+            saved_stderr = os.dup(2)
+            os.dup2(fd, 2)
+            os.close(fd)
+        try:
+            self.llm = LLM(model=resolve_model(cfg.model), seed=cfg.seed, max_model_len=max_model_len(cfg),
+                           trust_remote_code=cfg.trust_remote_code, disable_log_stats=True, **kwargs)
+        except Exception as e:
+            if self.log_path:
+                e.add_note(f"vLLM's log: {self.log_path}")
+            raise
+        finally:
+            if saved_stderr is not None:
+                sys.stderr.flush()
+                os.dup2(saved_stderr, 2)
+                os.close(saved_stderr)
         self.engine = self.llm.llm_engine
         sched = getattr(getattr(self.engine, "vllm_config", None), "scheduler_config", None)
         self.max_seqs = int(getattr(sched, "max_num_seqs", 256) or 256)
@@ -279,6 +302,9 @@ class VLLMEngine:
                 core.shutdown()
         self.llm = self.engine = None
         gc.collect()  # the engine's shared-memory queues are unlinked when their owners are collected
+        if self.log_path and sys.exc_info()[0] is None:  # kept when the stage fails: it may say why
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
 
 def max_model_len(cfg: SampleConfig) -> int:
@@ -317,8 +343,9 @@ def start_engine(cfg: SampleConfig, tokenizer: Any, engine: str | None = None, w
     try:
         started = VLLMEngine(cfg, tokenizer)
     except Exception as e:
+        log = next((n for n in getattr(e, "__notes__", []) if n.startswith("vLLM's log: ")), "")
         raise NegalignError(f"vLLM did not start: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            " (--engine hf uses transformers instead)") from e
+                            f" ({log + '; ' if log else ''}--engine hf uses transformers instead)") from e
     console.print(f"engine: vllm (started in {time.time() - t0:.0f} s)")
     return started
 
