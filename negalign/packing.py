@@ -1,13 +1,13 @@
 """Grouped log-probs: one prompt, many responses, the prompt through the model once (SPEC §1.1, issue 10.3).
 
-A batch is a list of groups `(prompt_ids, [response_ids, ...])`. :func:`pack` lays all of them out in ONE row:
-`[x₁, y₁₁, …, y₁ₖ, x₂, y₂₁, …]` with a block attention mask (a token sees the earlier tokens of its own block and
-its group's prompt, nothing else) and position ids that restart at the prompt length for every response, so each
-response sees exactly what it would see in a row of its own. :func:`pad` is the plain batch — one right-padded row
+A batch is a list of groups `(prompt_ids, [response_ids, ...])`. :func:`pack` lays each group out in one row,
+`[x, y₁, …, yₖ]`, with a block attention mask (a token sees the earlier tokens of its own block and its group's
+prompt, nothing else) and position ids that restart at the prompt length for every response, so each response
+sees exactly what it would see in a row of its own. :func:`pad` is the plain batch — one right-padded row
 per (prompt, response) — kept as the oracle (`--no-share-prompt`). :func:`sequence_logps` runs either layout and
 returns the **summed** log-prob of each response (prompt masked, EOS included) in group order.
 
-The mask is boolean (True = attend), shape (1, 1, L, L); transformers' SDPA path takes such a 4D mask unchanged.
+The mask is boolean (True = attend), shape (B, 1, L, L); transformers' SDPA path takes such a 4D mask unchanged.
 The first token of each response is predicted from the last prompt token, so the gather uses explicit predictor
 positions instead of the usual shift, and only those positions go through the LM head (`logits_to_keep`).
 """
@@ -24,44 +24,47 @@ Group = tuple[Sequence[int], Sequence[Sequence[int]]]
 
 
 def pack(groups: Sequence[Group]) -> dict[str, torch.Tensor]:
-    """One packed row for all groups: input_ids, position_ids, a (1, 1, L, L) bool mask, and the gather plan
-    (`logit_pos`: position whose logits predict `targets`; `segment`: the response each target belongs to)."""
-    ids: list[int] = []
-    pos: list[int] = []
-    grp: list[int] = []
-    blk: list[int] = []
+    """One row per group, right-padded to the longest: input_ids, position_ids, a (B, 1, L, L) bool mask, and the
+    gather plan (`logit_pos`: flat index into (B × L) of the position whose logits predict `targets`; `segment`:
+    the response each target belongs to). A row per group, not one row for the batch: attention costs L² per row,
+    and nothing attends across groups anyway."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (ids, positions, block) per group
+    for prompt, responses in groups:
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        ids, pos, blk = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        for b, resp in enumerate(responses, start=1):
+            ids += resp
+            pos += range(len(prompt), len(prompt) + len(resp))
+            blk += [b] * len(resp)
+        rows.append((ids, pos, blk))
+    width = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    block = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
     logit_pos: list[int] = []
     targets: list[int] = []
     segment: list[int] = []
     r = 0
-    for g, (prompt, responses) in enumerate(groups):
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        start = len(ids)
-        ids += prompt
-        pos += range(len(prompt))
-        grp += [g] * len(prompt)
-        blk += [0] * len(prompt)
-        last_prompt = start + len(prompt) - 1
-        for b, resp in enumerate(responses, start=1):
-            s = len(ids)
-            ids += resp
-            pos += range(len(prompt), len(prompt) + len(resp))
-            grp += [g] * len(resp)
-            blk += [b] * len(resp)
+    for g, ((prompt, responses), (ids, pos, blk)) in enumerate(zip(groups, rows, strict=True)):
+        input_ids[g, : len(ids)] = torch.tensor(ids)
+        position_ids[g, : len(ids)] = torch.tensor(pos)
+        block[g, : len(ids)] = torch.tensor(blk)
+        s, last_prompt = g * width + len(prompt), g * width + len(prompt) - 1
+        for resp in responses:
             logit_pos += [last_prompt, *range(s, s + len(resp) - 1)]
             targets += resp
             segment += [r] * len(resp)
+            s += len(resp)
             r += 1
-    gt, bt = torch.tensor(grp), torch.tensor(blk)
-    n = len(ids)
-    causal = torch.ones(n, n, dtype=torch.bool).tril_()
-    same_group = gt[:, None] == gt[None, :]
-    visible_block = (bt[None, :] == 0) | (bt[:, None] == bt[None, :])
-    mask = causal & same_group & visible_block
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "attention_mask": mask[None, None],
+    causal = torch.ones(width, width, dtype=torch.bool).tril_()
+    real = block >= 0
+    visible_block = (block[:, None, :] == 0) | (block[:, :, None] == block[:, None, :])
+    mask = causal[None] & visible_block & real[:, None, :] & real[:, :, None]
+    mask |= torch.eye(width, dtype=torch.bool)[None] & ~real[:, :, None]  # padding sees itself: no all-masked row (NaN)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
             "logit_pos": torch.tensor(logit_pos), "targets": torch.tensor(targets), "segment": torch.tensor(segment),
-            "num_responses": torch.tensor(r)}
+            "num_responses": torch.tensor(r), "num_tokens": real.sum()}
 
 
 def pad(groups: Sequence[Group], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -93,9 +96,11 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     logit_pos, targets, segment = batch["logit_pos"], batch["targets"], batch["segment"]
     num = int(batch["num_responses"])
     if batch["attention_mask"].dim() == 4:  # packed: only the predictor positions go through the LM head
+        width = batch["input_ids"].shape[1]
+        keep = torch.unique(logit_pos % width)  # sorted; the same positions are kept in every row
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    attention_mask=batch["attention_mask"], logits_to_keep=logit_pos, use_cache=False)
-        logits = out.logits[0]
+                    attention_mask=batch["attention_mask"], logits_to_keep=keep, use_cache=False)
+        logits = out.logits[logit_pos // width, torch.searchsorted(keep, logit_pos % width)]
     else:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits = out.logits.flatten(0, 1)[logit_pos]
@@ -107,5 +112,4 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
 
 def num_model_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that went through the model (padding excluded)."""
-    mask = batch["attention_mask"]
-    return int(batch["input_ids"].numel() if mask.dim() == 4 else mask.sum())
+    return int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum())

@@ -125,7 +125,10 @@ def test_prompt_sharing_equals_plain_batch_in_logps_and_gradients():
     torch.testing.assert_close(lp_a, lp_b, atol=1e-4, rtol=0)
     torch.testing.assert_close(g_a, g_b, atol=1e-4, rtol=0)
     assert g_a.abs().max() > 1e-2  # a real gradient, not zeros
-    assert pack(groups)["input_ids"].numel() < pad(groups)["attention_mask"].sum()  # the prompt went through once
+    from negalign.packing import num_model_tokens
+
+    assert num_model_tokens(pack(groups)) < num_model_tokens(pad(groups))  # each prompt went through once
+    assert pack(groups)["input_ids"].shape[0] == len(groups)  # a row per group, padded to the longest
 
 
 # ----------------------------------------------------------------------------------------------- end to end
