@@ -179,9 +179,10 @@ def check_template(cfg: TrainConfig, input_stage: Any, template_sha: str) -> str
 
 # ----------------------------------------------------------------------------------------------- reference log-probs
 
-def attach_reference(cfg: TrainConfig, items: list[Item], model, *, ref_model: str, template_sha: str,
+def attach_reference(cfg: TrainConfig, items: list[Item], get_model, *, ref_model: str, template_sha: str,
                      folder: Path) -> tuple[int, int]:
-    """Fill `item.ref` (and `ref_q`) from the cache, computing what is missing. Returns (computed, reused)."""
+    """Fill `item.ref` (and `ref_q`) from the cache, computing what is missing with the model that `get_model()`
+    returns (called only then). Returns (computed, reused)."""
     from negalign import ref_logps
 
     variant_q = "quality:" + ref_logps.text_sha(cfg.quality_prompt)[:12]
@@ -198,8 +199,8 @@ def attach_reference(cfg: TrainConfig, items: list[Item], model, *, ref_model: s
     if missing:
         with progress() as bar:
             task = bar.add_task(f"reference log-probs → {folder}", total=unique_missing)
-            cache.update(ref_logps.compute(model, missing, folder, ref_model=ref_model, template_sha=template_sha,
-                                           on_progress=lambda n: bar.advance(task, n)))
+            cache.update(ref_logps.compute(get_model(), missing, folder, ref_model=ref_model,
+                                           template_sha=template_sha, on_progress=lambda n: bar.advance(task, n)))
     for it in items:
         it.ref = [cache[ref_logps.tokens_sha(it.prompt, r)] for r in it.responses]
         if it.prompt_q is not None:
@@ -509,14 +510,15 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.objective != "sft":
         # The reference (the starting model unless --ref-model): main computes what the cache lacks, the others
         # then read it. A separate reference is loaded only for that and freed before training.
-        with state.main_process_first():
+        def reference_model():
             ref = model if ref_fp == model_fp else load_causal_lm(cfg.ref_model, device="cpu",
                                                                    trust_remote_code=cfg.trust_remote_code)
-            ref.to(device)
-            computed, reused = attach_reference(cfg, items, ref, ref_model=ref_fp, template_sha=template_sha,
-                                                folder=ref_dir)
-            ref.to("cpu")
-            del ref
+            return ref.to(device)
+
+        with state.main_process_first():
+            computed, reused = attach_reference(cfg, items, reference_model, ref_model=ref_fp,
+                                                template_sha=template_sha, folder=ref_dir)
+            model.to("cpu")
         if main:
             console.print(f"reference log-probs: {computed} computed, {reused} reused from {ref_dir}")
     if cfg.lora:
