@@ -129,10 +129,15 @@ def build_run(run: Path, prompts: int, k: int, seed: int = 0) -> Path:
     return run
 
 
-def run_variant(code: str, args: list[str]) -> dict:
+# glibc keeps freed activation memory in its heap once its mmap threshold has grown (up to 32 MiB); a fixed
+# threshold returns every large block to the system when it is freed: lower peak RSS, more page faults.
+LOW_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_variant(code: str, args: list[str], env: dict[str, str] | None = None) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"failed: {args[:6]}\n{proc.stderr[-4000:]}")
@@ -178,6 +183,12 @@ def main() -> None:
             "--gradient-checkpointing", "--name", "sc_lora_gc", *common]),
         "negalign dpo": (NEGALIGN, ["train", "--objective", "dpo", "--batch-size", str(args.dpo_batch_size),
                                     "--name", "dpo", *common]),
+        "negalign dpo, MALLOC_MMAP_THRESHOLD_=131072": (NEGALIGN, [
+            "train", "--objective", "dpo", "--batch-size", str(args.dpo_batch_size), "--name", "dpo_lowmem",
+            *common], LOW_MEMORY_ENV),
+        "sc K=8, prompt shared, LoRA, MALLOC_MMAP_THRESHOLD_=131072": (NEGALIGN, [
+            "train", "--objective", "sc", "--num-negatives", k, "--batch-size", str(b), "--lora", "--name",
+            "sc_lora_lowmem", *common], LOW_MEMORY_ENV),
     }
     trl_common = {"data": str(run / "trl.parquet"), "per_device_train_batch_size": args.dpo_batch_size,
                   "max_steps": args.steps, "learning_rate": args.lr, "max_length": args.max_length,
@@ -189,10 +200,10 @@ def main() -> None:
         opts = {**trl_common, **extra, "out": str(tmp / f"trl_{len(variants)}")}
         variants[name] = (TRL, [json.dumps(opts)])
     results = {}
-    for name, (code, argv) in variants.items():
+    for name, (code, argv, *env) in variants.items():
         if args.only and name not in args.only:
             continue
-        results[name] = run_variant(code, argv)
+        results[name] = run_variant(code, argv, *env)
         print(name, json.dumps(results[name]), flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     text = markdown(results, args)
@@ -229,6 +240,13 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
            if lora_gc in results and trl_d in results else "n/a")
         + f" (goal <= 0.5); s/step / LoRA alone = {ratio('sc K=8, prompt shared, LoRA', lora_gc)}.",
     ]
+    for name, base in (("negalign dpo, MALLOC_MMAP_THRESHOLD_=131072", "negalign dpo"),
+                       ("sc K=8, prompt shared, LoRA, MALLOC_MMAP_THRESHOLD_=131072", "sc K=8, prompt shared, LoRA")):
+        if name in results and trl_d in results and base in results:
+            notes.append(f"- {name}: peak RSS / TRL defaults = "
+                         f"{results[name]['peak_rss_mib'] / results[trl_d]['peak_rss_mib']:.2f} "
+                         f"(without it {results[base]['peak_rss_mib'] / results[trl_d]['peak_rss_mib']:.2f}); "
+                         f"s/step / without = {ratio(base, name)}.")
     cmd = "    .venv/bin/python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
     head = (f"{args.prompts} synthetic groups (K = {args.k}), {args.steps} steps per variant, sc batch "
             f"{args.batch_size} groups, dpo batch {args.dpo_batch_size} pairs, lr {args.lr}, "
