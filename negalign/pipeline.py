@@ -49,6 +49,7 @@ from negalign import store
 from negalign.config import STAGES, Common, load_yaml, opt, resolve, validate
 from negalign.console import console
 from negalign.errors import NegalignError, UsageError
+from negalign.threads import default_threads
 
 PIPELINE_KEYS = {"run", "seed", "vars", "defaults", "steps", "report"}
 STEP_KEYS = {"name", "stage", "after", "eval"}
@@ -546,11 +547,13 @@ def _present_inputs(step: Step) -> list[Path]:
 
 # ----------------------------------------------------------------------------------------------- running
 
-def _run_stage(pipe: Pipeline, step: Step, overwrite: bool) -> None:
+def _run_stage(pipe: Pipeline, step: Step, overwrite: bool, threads: int | None = None) -> None:
     cfg_file = pipe.run / STATE_DIR / "steps" / (step.name.replace("/", "__") + ".yaml")
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(step.cfg).items()}
     options = {k: v for k, v in options.items() if k not in ("overwrite", "debug")}
+    if threads and "threads" in options and not options["threads"]:
+        options["threads"] = threads
     store.atomic_write_text(cfg_file, yaml.safe_dump({step.stage: options}, sort_keys=False))
     cmd = [sys.executable, "-m", "negalign", step.stage, "--config", str(cfg_file)]
     if overwrite:
@@ -642,6 +645,10 @@ def run_file(path: Path, *, dry_run: bool = False, from_step: str | None = None,
         if early:
             raise UsageError(f"--from {from_step}: earlier step '{early[0][0]}' is not done ({early[0][1]}); "
                              "run without --from first")
+    # Chosen once, now: a step that starts right after another would see that step's load in the load average
+    # and take fewer threads (threads.py), though the steps run one at a time.
+    threads = default_threads()
+    console.print(f"threads: {threads} for the CPU paths of every step (steps may set their own)")
     t0 = time.time()
     ran = skipped = 0
     for step in pipe.steps:
@@ -659,7 +666,7 @@ def run_file(path: Path, *, dry_run: bool = False, from_step: str | None = None,
         if step.stage in INTERNAL:
             _run_internal(step, overwrite)
         else:
-            _run_stage(pipe, step, overwrite)
+            _run_stage(pipe, step, overwrite, threads)
         state.record(step)
         ran += 1
         console.print(f"[green]✓[/] {step.name} ({step.stage}) in {time.time() - t:.1f} s")
