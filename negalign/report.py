@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from negalign import stats
+from negalign import stats, store
 from negalign.config import ReportConfig, run_path
 from negalign.console import console
 from negalign.errors import UsageError
@@ -72,10 +72,22 @@ class Model:
         b = self.train.get("beta")
         return float(b) if isinstance(b, int | float) and self.objective not in ("base", "sft") else None
 
+    @property
+    def train_inputs(self) -> dict[str, Any]:
+        """What the model was trained on ({"pairs": fingerprint}), from its folder's manifest: the same objective on
+        other data (e.g. a SPIN-like baseline's random negatives) is another method, not another seed."""
+        folder = self.summary.get("model_path")
+        try:
+            manifest = store.read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
+        except Exception:  # noqa: BLE001 - a damaged model manifest only loses the grouping detail
+            manifest = None
+        return dict(manifest.get("inputs") or {}) if manifest else {}
+
     def group_key(self) -> str:
         method = {k: v for k, v in self.train.items() if k not in NOT_METHOD}
         gen = {k: v for k, v in (self.summary.get("generation") or {}).items() if k != "seed"}
-        return json.dumps([method, gen, self.summary.get("prompts")], sort_keys=True, default=str)
+        return json.dumps([method, self.train_inputs, gen, self.summary.get("prompts")], sort_keys=True,
+                          default=str)
 
     def metric(self, key: str) -> dict[str, Any] | None:
         m = self.summary.get("overall", {}).get(key)

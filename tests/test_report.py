@@ -129,3 +129,21 @@ def test_report_for_two_evaluated_models(tmp_path):
         assert png.stat().st_size > 0
         with Image.open(png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_same_objective_on_other_training_data_is_not_a_seed(tmp_path):
+    """A SPIN-like baseline (sc K=1 on random negatives) is not a third seed of sc K=1: the model folders'
+    manifests name different pair inputs."""
+    run = tmp_path / "run"
+    rng = np.random.default_rng(1)
+    for name, seed, pairs in (("sc-s0", 0, "aaaa"), ("sc-s1", 1, "aaaa"), ("spin", 0, "bbbb")):
+        folder = tmp_path / "models" / name
+        out = StageOutput.open(folder, "train", {"objective": "sc", "seed": seed}, {"pairs": pairs})
+        assert out.finish(0)
+        make_eval(run, name, {"objective": "sc", "num_negatives": 1, "beta": 0.1, "seed": seed, "model": "base"},
+                  (rng.random(N) < 0.5).tolist(), [0.5] * N, [5] * N)
+        summary_file = run / "eval" / name / "summary.json"
+        summary = json.loads(summary_file.read_text())
+        summary_file.write_text(json.dumps({**summary, "model_path": str(folder)}))
+    groups = report.group_models(report.load_models(run))
+    assert sorted(sorted(m.name for m in g.models) for g in groups) == [["sc-s0", "sc-s1"], ["spin"]]
