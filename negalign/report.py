@@ -233,17 +233,25 @@ def plot_vs_k(groups: list[Group], out: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     others = [g for g in groups if g.first.objective != "sc"]
-    betas = sorted({g.first.beta for g in sc}, key=lambda b: b or 0.0)
+    # One line per method that differs only by K (same β, data, SFT term, ...); a method with one K is a point.
+    series: dict[str, list[Group]] = {}
+    for g in sc:
+        method = {k: v for k, v in g.first.train.items() if k not in NOT_METHOD and k != "num_negatives"}
+        series.setdefault(json.dumps([method, g.first.train_inputs], sort_keys=True, default=str), []).append(g)
+    lines = sorted(series.values(), key=lambda gs: (-len(gs), gs[0].first.beta or 0.0))
     for ax, key in zip(axes[0], keys, strict=True):
         scale = 100.0 if key in PCT else 1.0
-        for b in betas:
-            line = sorted((g for g in sc if g.first.beta == b and g.value(key)), key=lambda g: g.first.k)
+        for i, members in enumerate(lines):
+            line = sorted((g for g in members if g.value(key)), key=lambda g: g.first.k)
             if not line:
                 continue
+            b = line[0].first.beta
+            label = (f"sc β={b:g}" if b is not None else "sc") if len(members) > 1 else line[0].label
             xs = [g.first.k for g in line]
             ys, errs = zip(*(_yerr(g.value(key), scale) for g in line), strict=True)
             err = [[e[0][0] for e in errs], [e[1][0] for e in errs]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"sc β={b:g}" if b is not None else "sc")
+            ax.errorbar(xs, ys, yerr=err, marker="o" if len(members) > 1 else "D", capsize=3, label=label,
+                        color=f"C{i}", linestyle="-" if len(members) > 1 else "none")
             for g in line:
                 seeds = g.value(key)["seeds"]
                 if len(seeds) > 1:  # per-seed values, spread a little sideways so they do not hide the bar
@@ -254,7 +262,7 @@ def plot_vs_k(groups: list[Group], out: Path) -> Path | None:
         for i, g in enumerate(others):
             v = g.value(key)
             if v:
-                ax.axhline(scale * v["mean"], linestyle="--", linewidth=1, color=f"C{(i + len(betas)) % 10}",
+                ax.axhline(scale * v["mean"], linestyle="--", linewidth=1, color=f"C{(i + len(lines)) % 10}",
                            label=g.label)
         ks = sorted({g.first.k for g in sc})
         ax.set_xscale("log", base=2)
