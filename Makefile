@@ -52,7 +52,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 RUN=$(RUN) PY=$(PY) bash examples/demo.sh
 
-# The Self-Contrast ablation at micro scale (K = 1, 2, 4, 8, seeds, controls; about 2 hours on a 2-core CPU).
+# The Self-Contrast ablation at micro scale (K = 1, 2, 4, 8, seeds, controls; about 1.5 hours on a 2-core CPU).
 experiment: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m negalign run examples/self_contrast.yaml
 
