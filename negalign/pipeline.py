@@ -552,7 +552,7 @@ def _run_stage(pipe: Pipeline, step: Step, overwrite: bool, threads: int | None 
     cfg_file.parent.mkdir(parents=True, exist_ok=True)
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(step.cfg).items()}
     options = {k: v for k, v in options.items() if k not in ("overwrite", "debug")}
-    if threads and "threads" in options and not options["threads"]:
+    if threads and not options.get("threads"):
         options["threads"] = threads
     store.atomic_write_text(cfg_file, yaml.safe_dump({step.stage: options}, sort_keys=False))
     cmd = [sys.executable, "-m", "negalign", step.stage, "--config", str(cfg_file)]

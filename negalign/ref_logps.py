@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from negalign.errors import BadInput
-from negalign.store import atomic_write, sha256_file
+from negalign.store import atomic_write
 
 SCHEMA = pa.schema([("ref_model", pa.string()), ("chat_template_sha", pa.string()), ("prompt_id", pa.string()),
                     ("variant", pa.string()), ("response_sha", pa.string()), ("tokens_sha", pa.string()),
@@ -62,12 +62,13 @@ def load(folder: Path, ref_model: str) -> dict[str, float]:
     if not folder.is_dir():
         return out
     for f in sorted(folder.glob(f"part-{ref_model}-*.parquet")):
+        data = f.read_bytes()  # read once: hashed, then parsed
         expected = f.stem.split("-sha-")[-1] if "-sha-" in f.stem else None  # older files carry no checksum
-        if expected is not None and sha256_file(f)[:len(expected)] != expected:
+        if expected is not None and hashlib.sha256(data).hexdigest()[:len(expected)] != expected:
             raise BadInput("corrupt reference log-prob cache file (its sha256 does not match its name); delete it "
                            "and its rows are recomputed", file=str(f))
         try:
-            t = pq.read_table(f, columns=["ref_model", "tokens_sha", "logp"])
+            t = pq.read_table(pa.BufferReader(data), columns=["ref_model", "tokens_sha", "logp"])
         except (pa.ArrowException, OSError) as e:
             raise BadInput(f"unreadable reference log-prob cache file ({e}); delete it and its rows are recomputed",
                            file=str(f)) from e

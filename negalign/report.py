@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ class Model:
         b = self.train.get("beta")
         return float(b) if isinstance(b, int | float) and self.objective not in ("base", "sft") else None
 
-    @property
+    @cached_property
     def train_inputs(self) -> dict[str, Any]:
         """What the model was trained on ({"pairs": fingerprint}), from its folder's manifest: the same objective on
         other data (e.g. a SPIN-like baseline's random negatives) is another method, not another seed."""
