@@ -96,6 +96,9 @@ class SampleConfig(Common):
                                       "set).", min=0.0, min_exclusive=True)
     enforce_eager: bool = opt(True, "vLLM: no CUDA graphs / compilation (CPU: ~35 s start instead of ~166 s).")
     tensor_parallel_size: int = opt(1, "vLLM: GPUs per engine (tensor parallelism).", min=1)
+    max_queued_requests: int = opt(8192, "vLLM: most requests (one per prompt × sample) queued in the engine at "
+                                         "once, topped up as they finish. Each holds its prompt's token ids; "
+                                         "keep it above the engine's max_num_seqs.", min=1)
     data_parallel_size: int = opt(1, "vLLM: engines on this machine, each on its own --tensor-parallel-size GPUs "
                                      "and its own shards (local shard-parallel workers).", min=1)
     dtype: str = opt("auto", "Weights/activations dtype (vLLM and HF); auto: bfloat16 on a GPU, float32 on the CPU "

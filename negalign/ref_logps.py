@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from negalign.errors import BadInput
-from negalign.store import atomic_write
+from negalign.store import atomic_write, parquet_bytes
 
 SCHEMA = pa.schema([("ref_model", pa.string()), ("chat_template_sha", pa.string()), ("prompt_id", pa.string()),
                     ("variant", pa.string()), ("response_sha", pa.string()), ("tokens_sha", pa.string()),
@@ -81,9 +81,7 @@ def load(folder: Path, ref_model: str) -> dict[str, float]:
 
 def _write_part(folder: Path, ref_model: str, rows: list[dict[str, Any]]) -> Path:
     """Write rows atomically under a name that carries the file's own sha256."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), sink, compression="zstd")
-    data = sink.getvalue().to_pybytes()
+    data = parquet_bytes(pa.Table.from_pylist(rows, schema=SCHEMA))
     path = folder / f"part-{ref_model}-sha-{hashlib.sha256(data).hexdigest()[:32]}.parquet"
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
     return path

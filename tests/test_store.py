@@ -361,3 +361,25 @@ def test_files_a_stage_writes_into_its_folder_survive_the_swap(tmp_path: Path) -
     assert out.finish(0)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [MANIFEST, "model.safetensors"]
     assert open_stage(tmp_path / "m").config == {"a": 2}
+
+
+def test_interleaved_workers_keep_each_others_shards(tmp_path: Path) -> None:
+    """Each writer caches the manifest it wrote; another writer's update must be seen, not overwritten. (Two
+    writers in one process share the run lock, so only one finishes.)"""
+    a = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    b = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    for s, worker in enumerate([a, b, a, b, a]):
+        worker.write_shard(s, _table(10 * s, 10))
+    assert a.finish(5)
+    assert open_stage(tmp_path / "o", "toy").read().column("x").to_pylist() == list(range(50))
+
+
+def test_manifest_json_is_one_line_per_shard_and_round_trips() -> None:
+    from negalign.store import json_text
+
+    manifest = {"stage": "toy", "config": {"a": 1, "nested": {"b": [1, 2]}}, "empty": {},
+                "shards": {shard_name(i): {"rows": i, "sha256": "x" * 64, "meta": {"k": [i]}} for i in range(20)}}
+    text = json_text(manifest)
+    assert json.loads(text) == manifest
+    assert sum(line.strip().startswith('"part-') for line in text.splitlines()) == 20
+    assert '"nested": {' in text  # small dicts stay indented, one key per line
