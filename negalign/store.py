@@ -623,9 +623,11 @@ class StageOutput:
     readonly: bool = False
     _lock: RunLock | None = None
     _marked_running: bool = False
-    # The manifest as last read or written by us, keyed by its file's (inode, mtime, size): a shard's update then
-    # costs one write, not a parse of a manifest that grows with every shard. Another worker's write changes the key.
-    _cached: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    # The manifest as we last read or wrote it, with an open descriptor of its file: a shard's update then costs
+    # one write, not a parse of a manifest that grows with every shard. Manifests are only ever replaced (atomic
+    # writes), and the inode we hold open cannot be reused, so the folder still has our file exactly when its inode
+    # is the one we hold; another worker's write replaces it.
+    _cached: tuple[int, dict[str, Any]] | None = None
 
     @classmethod
     def open(cls, path: Path, stage: str, config: dict[str, Any],
@@ -739,20 +741,43 @@ class StageOutput:
             raise NegalignError(f"{self.final}: not open for writing (finished, or not the main process)")
         return self._lock.mutex()
 
-    def _file_key(self) -> tuple[Any, ...]:
-        st = os.stat(self.path / MANIFEST)
-        return self.path, st.st_ino, st.st_mtime_ns, st.st_size
+    def _same_file(self, fd: int) -> bool:
+        try:
+            st, held = os.stat(self.path / MANIFEST), os.fstat(fd)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def _remember(self, fd: int | None, manifest: dict[str, Any]) -> None:
+        """Cache while this run holds the output (`finish` forgets), so no descriptor outlives the run."""
+        self._forget()
+        if fd is not None and self._lock is not None:
+            self._cached = (fd, manifest)
+        elif fd is not None:
+            os.close(fd)
+
+    def _forget(self) -> None:
+        if self._cached is not None:
+            os.close(self._cached[0])
+            self._cached = None
+
+    def _open_manifest_fd(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError):
+            return os.open(self.path / MANIFEST, os.O_RDONLY)
+        return None
 
     def manifest(self) -> dict[str, Any]:
         """The output's manifest (not to be modified: use `_editing`)."""
         self._follow_swap()
-        with contextlib.suppress(FileNotFoundError):
-            if self._cached is not None and self._cached[0] == self._file_key():
-                return self._cached[1]
+        if self._cached is not None and self._same_file(self._cached[0]):
+            return self._cached[1]
+        fd = self._open_manifest_fd()  # before reading: what we read is this file's if it is still in place after
         manifest = read_manifest(self.path)
         assert manifest is not None
-        with contextlib.suppress(FileNotFoundError):
-            self._cached = (self._file_key(), manifest)
+        if fd is not None and not self._same_file(fd):
+            os.close(fd)
+            fd = None
+        self._remember(fd, manifest)
         return manifest
 
     @contextlib.contextmanager
@@ -760,11 +785,11 @@ class StageOutput:
         """The manifest to change (hold the lock: `_update`), written atomically when the block ends without an
         error."""
         manifest = self.manifest()
-        self._cached = None  # until written: a failed edit must not leave its half-changes cached
+        self._forget()  # until written: a failed edit must not leave its half-changes cached
         yield manifest
         manifest["updated_at"] = _now()
         atomic_write_json(self.path / MANIFEST, manifest)
-        self._cached = (self._file_key(), manifest)
+        self._remember(self._open_manifest_fd(), manifest)  # under the lock: nobody replaced it since
 
     def shard_entry(self, index: int) -> dict[str, Any] | None:
         """The manifest entry of a shard if it is complete and its file is intact, else None."""
@@ -818,6 +843,7 @@ class StageOutput:
                 if complete and self.path != self.final:
                     self._swap_in()
         finally:
+            self._forget()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
