@@ -8,6 +8,7 @@ if [ "${1:-}" != "--assemble-only" ]; then
   $PY benchmarks/bench_sample.py
   $PY benchmarks/bench_embed.py
   $PY benchmarks/bench_filter.py --results benchmarks/RESULTS_filter.md
+  $PY benchmarks/bench_store.py   # prints the table; RESULTS_filter.md keeps it by hand
   $PY benchmarks/bench_train.py --prompts 16 --steps 5 --batch-size 2 --dpo-batch-size 4 --results benchmarks/RESULTS_train.md
   $PY benchmarks/bench_eval.py --prompts 16 --max-tokens 32 --engines hf,vllm --repeat 4
 fi
