@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if [ "${1:-}" != "--assemble-only" ]; then
+  mkdir -p benchmarks/out
   $PY benchmarks/bench_sample.py
   $PY benchmarks/bench_embed.py
-  $PY benchmarks/bench_filter.py --results benchmarks/RESULTS_filter.md
+  # RESULTS_filter.md holds hand-written before/after sections: the new table goes beside it, to compare by hand
+  $PY benchmarks/bench_filter.py --results benchmarks/out/RESULTS_filter.latest.md
   $PY benchmarks/bench_store.py   # prints the table; RESULTS_filter.md keeps it by hand
   $PY benchmarks/bench_train.py --prompts 16 --steps 5 --batch-size 2 --dpo-batch-size 4 --results benchmarks/RESULTS_train.md
   $PY benchmarks/bench_eval.py --prompts 16 --max-tokens 32 --engines hf,vllm --repeat 4
