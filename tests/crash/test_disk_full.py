@@ -14,7 +14,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -39,20 +38,21 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def failing_write(monkeypatch) -> Iterator[dict]:
-    """Make the N-th Parquet write (`state["fail_at"]`) write half its bytes and then fail with ENOSPC."""
-    real = pq.write_table
+    """Make the N-th Parquet file write (`state["fail_at"]`) write half its bytes and then fail with ENOSPC. (The
+    store serialises a shard in memory, then writes the bytes to a temporary file.)"""
+    real = Path.write_bytes
     state = {"calls": 0, "fail_at": None}
 
-    def write_table(table, where, *args, **kwargs):
+    def write_bytes(self: Path, data) -> int:
+        if ".parquet" not in self.name:
+            return real(self, data)
         state["calls"] += 1
-        real(table, where, *args, **kwargs)
         if state["calls"] == state["fail_at"]:
-            size = os.path.getsize(where)
-            with open(where, "r+b") as f:
-                f.truncate(size // 2)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+            real(self, memoryview(data)[: len(memoryview(data)) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, data)
 
-    monkeypatch.setattr(pq, "write_table", write_table)
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
     yield state
 
 

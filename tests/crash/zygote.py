@@ -98,7 +98,10 @@ def _wait(pid: int, kill_after: float | None) -> int:
         if done:
             return os.waitstatus_to_exitcode(status)
         if deadline is not None and time.monotonic() >= deadline:
-            os.killpg(pid, signal.SIGKILL)
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # killed before it called setsid(): no group (nor children) of its own yet
+                os.kill(pid, signal.SIGKILL)
             deadline = None
         else:
             time.sleep(0.005)
