@@ -80,15 +80,17 @@ class Model:
         folder = self.summary.get("model_path")
         try:
             manifest = store.read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
-        except Exception:  # noqa: BLE001 - a damaged model manifest only loses the grouping detail
+        except (UsageError, OSError):  # a damaged model manifest only loses the grouping detail
             manifest = None
         return dict(manifest.get("inputs") or {}) if manifest else {}
 
+    def method(self, *, ignore: tuple[str, ...] = ()) -> list[Any]:
+        """What defines the training method: its options (not seeds, paths or runtime flags) and its data."""
+        return [{k: v for k, v in self.train.items() if k not in NOT_METHOD and k not in ignore}, self.train_inputs]
+
     def group_key(self) -> str:
-        method = {k: v for k, v in self.train.items() if k not in NOT_METHOD}
         gen = {k: v for k, v in (self.summary.get("generation") or {}).items() if k != "seed"}
-        return json.dumps([method, self.train_inputs, gen, self.summary.get("prompts")], sort_keys=True,
-                          default=str)
+        return json.dumps([*self.method(), gen, self.summary.get("prompts")], sort_keys=True, default=str)
 
     def metric(self, key: str) -> dict[str, Any] | None:
         m = self.summary.get("overall", {}).get(key)
@@ -237,8 +239,8 @@ def plot_vs_k(groups: list[Group], out: Path) -> Path | None:
     # One line per method that differs only by K (same β, data, SFT term, ...); a method with one K is a point.
     series: dict[str, list[Group]] = {}
     for g in sc:
-        method = {k: v for k, v in g.first.train.items() if k not in NOT_METHOD and k != "num_negatives"}
-        series.setdefault(json.dumps([method, g.first.train_inputs], sort_keys=True, default=str), []).append(g)
+        key = json.dumps(g.first.method(ignore=("num_negatives",)), sort_keys=True, default=str)
+        series.setdefault(key, []).append(g)
     lines = sorted(series.values(), key=lambda gs: (-len(gs), gs[0].first.beta or 0.0))
     for ax, key in zip(axes[0], keys, strict=True):
         scale = 100.0 if key in PCT else 1.0

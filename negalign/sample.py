@@ -255,11 +255,6 @@ class VLLMEngine:
                 os.dup2(saved_stderr, 2)
                 os.close(saved_stderr)
         self.engine = self.llm.llm_engine
-        # How many requests `stream` keeps in the engine: by default every planned shard of a usual run at once, as
-        # plain `llm.generate` would, but bounded so that a 100k-prompt run does not hold millions of requests
-        # (each keeps its prompt's token ids in this process and in the engine core).
-        self.queue_high = int(_opt(cfg, "max_queued_requests", 8192))
-        self.queue_low = max(1, self.queue_high // 2)
 
     def _params(self, r: Request) -> Any:
         cfg = self.cfg
@@ -268,11 +263,14 @@ class VLLMEngine:
                                    **sampling)
 
     def stream(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation]]:
-        """Queue up to `queue_high` requests, topping up below `queue_low` after a step, so the running batch never
-        drains between shards; yield each request as it finishes (in completion order)."""
+        """Queue up to --max-queued-requests, topping up below half of it after a step, so the running batch never
+        drains between shards; yield each request as it finishes (in completion order). By default a usual run is
+        queued whole, as plain `llm.generate` would; the bound keeps a 100k-prompt run from holding millions of
+        requests (each keeps its prompt's token ids here and in the engine core)."""
         it = iter(requests)
         pending: dict[str, Request] = {}
-        low, high = self.queue_low, self.queue_high
+        high = self.cfg.max_queued_requests
+        low = max(1, high // 2)
         counter = itertools.count()
         exhausted = False
         try:
