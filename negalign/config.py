@@ -140,8 +140,19 @@ class FilterConfig(Common):
                                      min=-1.0, max=1.0)
     max_neg_sim: float | None = opt(None, "D2O: drop a self-sample whose cosine to a given negative is at least "
                                           "this.", min=-1.0, max=1.0)
+    drop_same_as_target: bool = opt(True, "Drop a kept candidate equal to the target after the exact checker's "
+                                          "normalisation (case, whitespace, one trailing period): a copy of the "
+                                          "target is never a negative.")
+    checker: str | None = opt(None, "Checker for every prompt (exact, number, contains, json, choice, none): a "
+                                    "candidate it marks correct is dropped before the similarity rule. "
+                                    "[default: none, similarity alone]",
+                              choices=("exact", "number", "contains", "json", "choice", "none"))
+    checkers: dict[str, str] = opt({}, "Checker kind per task family (YAML only; the prompts' task column), e.g. "
+                                       "{arithmetic: number}; --checker for the other families.", cli=False)
     embeddings: str | None = opt(None, "Embeddings folder. [default: RUN/embeddings]")
     samples: str | None = opt(None, "Samples folder. [default: RUN/samples]")
+    prompts: str | None = opt(None, "Prompts folder, for the targets' text and the task families. [default: the "
+                                    "prompts the embeddings were made from, else RUN/prompts]")
     out: str | None = opt(None, "Output folder. [default: RUN/negatives]")
 
 

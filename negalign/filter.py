@@ -7,25 +7,35 @@ output covers shard i of the embeddings, which covers whole prompts.
 
 Prompts without a target (D2O input: only given negatives) have no similarity (NaN): their self-samples are
 de-duplicated, and with `--max-neg-sim` those too close to a given negative are dropped; all others are kept.
+
+With a target, RUN/prompts gives its text and the prompt's task family: a kept candidate equal to the target after
+`checkers.normalise` is dropped as `same_as_target` (default; after the rule, as the reference code drops empty
+outputs), and with `--checker` / `checkers: {family: kind}` a candidate the checker marks correct is dropped as
+`correct` before the rule (never a negative).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from rich.table import Table
 
-from negalign import selection
+from negalign import checkers, selection
 from negalign.config import FilterConfig, stage_path
 from negalign.console import console, progress
 from negalign.embed import embeddings_array
 from negalign.errors import BadInput, UsageError
-from negalign.store import StageOutput, open_stage, shard_name
+from negalign.store import StageInput, StageOutput, open_stage, shard_name
+
+NO_TASK = "(none)"  # as in eval's summary
 
 NEGATIVES_SCHEMA = pa.schema([
     ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text_sha", pa.string()),
@@ -34,8 +44,58 @@ NEGATIVES_SCHEMA = pa.schema([
 
 
 def _stage_config(cfg: FilterConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ("strategy", "keep_fraction", "max_sim", "drop_truncated", "near_dup_sim",
-                                         "max_neg_sim")}
+    """The fingerprinted config. The newer options enter it only when they change the output relative to the
+    rule before them: `drop_same_as_target` when on (the default, so an old run's negatives, made without that
+    drop, are refused on resume rather than mixed; `--no-drop-same-as-target` reproduces them and their
+    fingerprint), `checker` / `checkers` when given."""
+    out = {k: getattr(cfg, k) for k in ("strategy", "keep_fraction", "max_sim", "drop_truncated", "near_dup_sim",
+                                        "max_neg_sim")}
+    if cfg.drop_same_as_target:
+        out["drop_same_as_target"] = True
+    if cfg.checker is not None:
+        out["checker"] = cfg.checker
+    if cfg.checkers:
+        out["checkers"] = dict(sorted(cfg.checkers.items()))
+    return out
+
+
+def uses_prompts(cfg: FilterConfig) -> bool:
+    """Whether the filter reads RUN/prompts (the targets' text, the task families)."""
+    return cfg.drop_same_as_target or cfg.checker is not None or bool(cfg.checkers)
+
+
+def checker_kind(task: str | None, cfg: FilterConfig) -> str:
+    """The prompt's checker: `checkers[task]`, else `--checker`, else none (similarity alone)."""
+    return cfg.checkers.get(task or "", cfg.checker or checkers.NONE) if cfg.checkers else (cfg.checker or
+                                                                                                checkers.NONE)
+
+
+def check_kinds(cfg: FilterConfig) -> None:
+    """Refuse an unknown checker kind (exit 2) before any work starts."""
+    for family, kind in {"--checker": cfg.checker or checkers.NONE, **cfg.checkers}.items():
+        if kind not in (*checkers.KINDS, checkers.NONE):
+            raise UsageError(f"filter: checker for {family!r}: unknown kind {kind!r} (choose from "
+                             f"{', '.join((*checkers.KINDS, checkers.NONE))})")
+
+
+def _verdicts(texts: list[str], pids: list[str], prompts: dict[str, dict[str, Any]],
+              cfg: FilterConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per candidate: (is_correct by the prompt's checker or None when no checker is set, is_target_copy or None
+    when that drop is off). A prompt without a target gives False for both."""
+    correct = np.zeros(len(texts), dtype=bool) if (cfg.checker is not None or cfg.checkers) else None
+    copy = np.zeros(len(texts), dtype=bool) if cfg.drop_same_as_target else None
+    kinds: dict[str, str] = {}
+    for i, (pid, text) in enumerate(zip(pids, texts, strict=True)):
+        p = prompts.get(pid)
+        target = p.get("target") if p else None
+        if target is None:
+            continue
+        if copy is not None:
+            copy[i] = checkers.exact(text, target)
+        if correct is not None:
+            kind = kinds.get(pid) or kinds.setdefault(pid, checker_kind(p.get("task"), cfg))
+            correct[i] = bool(checkers.check(kind, text, target))
+    return correct, copy
 
 
 def _options(cfg: FilterConfig) -> dict[str, Any]:
@@ -61,9 +121,11 @@ def _vectors(table: pa.Table, file: str | None) -> np.ndarray:
     return vectors
 
 
-def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str | None = None) -> pa.Table:
+def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str | None = None,
+                 prompts: dict[str, dict[str, Any]] | None = None, stats: dict[str, int] | None = None) -> pa.Table:
     """One shard: the candidates of whole prompts -> one output row per candidate. `file` names the embeddings
-    shard in errors."""
+    shard in errors; `prompts` (prompt_id -> {target, task}) is needed when `uses_prompts(cfg)`. `stats`, when
+    given, gets `capped_by_unique`: the prompts whose m was n_unique - 1 (self-contrast; else 0)."""
     src = emb.column("source")
     cand = emb.filter(pc.equal(src, "sample")).sort_by([("prompt_id", "ascending"), ("sample_idx", "ascending")])
     # Text and finish reason per candidate; joined on the key columns only (Arrow joins don't carry vectors).
@@ -96,13 +158,17 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
         neg_kwargs = {"neg_emb": _vectors(negs, file) if negs.num_rows else np.zeros((0, dim), np.float32),
                       "neg_group": np.array([index[p] for p in negs.column("prompt_id").to_pylist()], np.int64)}
     texts = info.column("text").fill_null("").to_pylist()
+    is_correct, is_copy = (_verdicts(texts, pids.tolist(), prompts, cfg) if prompts is not None
+                           else (None, None))
     candidates = selection.Candidates(
         group=group, sample_idx=cand.column("sample_idx").to_numpy(), text_hash=cand.column("text_sha").to_numpy(
             zero_copy_only=False), is_empty=np.array([not t.strip() for t in texts], dtype=bool), sim=sim,
         is_truncated=np.array([r == "length" for r in info.column("finish_reason").to_pylist()], dtype=bool),
-        emb=cand_emb if (cfg.near_dup_sim is not None or cfg.max_neg_sim is not None) else None)
+        emb=cand_emb if (cfg.near_dup_sim is not None or cfg.max_neg_sim is not None) else None,
+        is_correct=is_correct, is_target_copy=is_copy)
     chosen = selection.select(cfg.strategy, candidates, **_options(cfg), **neg_kwargs)
     kept, rank, reason = chosen.kept, chosen.rank, chosen.drop_reason
+    capped = (chosen.capped_by_unique & has_target) if chosen.capped_by_unique is not None else None
     if not has_target.all():  # D2O prompts: no target, nothing to rank against; dedup (+ near-negative) only
         plain = selection.select_random(candidates, drop_truncated=cfg.drop_truncated,
                                         near_dup_sim=cfg.near_dup_sim, max_neg_sim=cfg.max_neg_sim, **neg_kwargs)
@@ -110,6 +176,8 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
         kept = np.where(no_t, plain.kept, kept)
         rank = np.where(no_t, -1, rank)
         reason = np.where(no_t, plain.drop_reason, reason)
+    if stats is not None:
+        stats["capped_by_unique"] = int(capped.sum()) if capped is not None else 0
     return pa.table({
         "prompt_id": cand.column("prompt_id"), "sample_idx": cand.column("sample_idx").cast(pa.int32()),
         "text_sha": cand.column("text_sha"),
@@ -119,11 +187,19 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
     }, schema=NEGATIVES_SCHEMA)
 
 
-def _partial_summary(table: pa.Table) -> dict[str, Any]:
-    """What the summary needs of one output shard. Shards hold whole prompts, so prompt counts add up."""
+def _partial_summary(table: pa.Table, task_of: dict[str, str | None] | None = None,
+                     capped_by_unique: int | None = None) -> dict[str, Any]:
+    """What the summary needs of one output shard. Shards hold whole prompts, so prompt counts add up.
+    `task_of` (prompt_id -> family) counts the `correct` drops per family; `capped_by_unique` = prompts of the
+    shard whose m was n_unique - 1 (None: not known, e.g. a shard written before this count existed)."""
     reasons = table.column("drop_reason").fill_null("kept").value_counts().to_pylist()
     kept_prompts = table.filter(table.column("kept")).column("prompt_id")
+    correct_by_family: Counter = Counter()
+    if task_of is not None:
+        correct = table.filter(pc.equal(table.column("drop_reason"), "correct")).column("prompt_id").to_pylist()
+        correct_by_family = Counter(task_of.get(p) or NO_TASK for p in correct)
     return {"candidates": table.num_rows, "by_reason": Counter({r["values"]: r["counts"] for r in reasons}),
+            "correct_by_family": correct_by_family, "capped_by_unique": capped_by_unique,
             "prompts": len(pc.unique(table.column("prompt_id"))),
             "prompts_with_negatives": len(pc.unique(kept_prompts)) if len(kept_prompts) else 0,
             "sims": table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(np.float32),
@@ -134,6 +210,11 @@ def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Kept / dropped by reason and similarity quantiles (all candidates and kept ones), over shards."""
     out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("candidates", "prompts", "prompts_with_negatives")}
     out["by_reason"] = dict(sum((p["by_reason"] for p in parts), Counter()))
+    if any(p.get("correct_by_family") for p in parts):
+        out["correct_by_family"] = dict(sorted(sum((p["correct_by_family"] for p in parts), Counter()).items()))
+    capped = [p.get("capped_by_unique") for p in parts]
+    if parts and all(c is not None for c in capped):
+        out["prompts_m_by_unique"] = sum(capped)
     sims = np.concatenate([p["sims"] for p in parts]).astype(np.float64) if parts else np.zeros(0)
     kept = np.concatenate([p["kept"] for p in parts]) if parts else np.zeros(0, dtype=bool)
     for name, mask in (("sim_quantiles_all", np.ones_like(kept)), ("sim_quantiles_kept", kept)):
@@ -161,6 +242,23 @@ def print_summary(summary: dict[str, Any]) -> None:
         if summary[name]:
             console.print(f"{name.replace('_', ' ')}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[name].items()))
     console.print(f"prompts with at least one negative: {summary['prompts_with_negatives']} / {summary['prompts']}")
+    if summary.get("correct_by_family"):
+        console.print("dropped as correct (the checker's right answers), by family: "
+                      + ", ".join(f"{k} {v}" for k, v in summary["correct_by_family"].items()))
+    if summary.get("prompts_m_by_unique") is not None:
+        console.print(f"prompts where n_unique - 1 set m (the rule dropped only the most similar candidate): "
+                      f"{summary['prompts_m_by_unique']} / {summary['prompts']}")
+
+
+def _prompts_path(cfg: FilterConfig, embeddings: StageInput) -> Path:
+    """--prompts, else the prompts the embeddings were made from (so that they belong together), else
+    RUN/prompts."""
+    if cfg.prompts:
+        return stage_path(cfg, cfg.prompts, "prompts")
+    rel = embeddings.manifest.get("input_paths", {}).get("prompts")
+    if rel and (embeddings.path / rel).is_dir():
+        return Path(os.path.normpath(embeddings.path / rel))
+    return stage_path(cfg, None, "prompts")
 
 
 def run(cfg: FilterConfig) -> None:
@@ -170,12 +268,31 @@ def run(cfg: FilterConfig) -> None:
         raise UsageError("--strategy threshold needs --max-sim")
     if not 0.0 <= cfg.keep_fraction <= 1.0:
         raise UsageError(f"--keep-fraction must be in [0, 1], got {cfg.keep_fraction}")
+    check_kinds(cfg)
     embeddings = open_stage(stage_path(cfg, cfg.embeddings, "embeddings"), "embed")
     samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
     out_dir = stage_path(cfg, cfg.out, "negatives")
+    inputs: dict[str, str | StageInput] = {"embeddings": embeddings, "samples": samples}
+    prompts: dict[str, dict[str, Any]] | None = None
+    task_of: dict[str, str | None] | None = None
+    if uses_prompts(cfg):
+        prompts_in = open_stage(_prompts_path(cfg, embeddings), "prompts")
+        files = prompts_in.shard_files()
+        has_task = bool(files) and "task" in pq.read_schema(files[0]).names
+        if cfg.checkers and not has_task:
+            raise UsageError(f"{prompts_in.path}: `checkers` needs a task column in the prompts (re-run `negalign "
+                             "prepare` with --task-field), or use --checker for every prompt")
+        cols = ["prompt_id", "target"] + (["task"] if has_task else [])
+        prompts = {r["prompt_id"]: r for r in prompts_in.read(cols).to_pylist()}
+        if cfg.checkers:
+            families = {p.get("task") for p in prompts.values()}
+            if missing := sorted(set(cfg.checkers) - families):
+                console.print(f"warning: checkers: no prompt has the famil{'y' if len(missing) == 1 else 'ies'} "
+                              f"{', '.join(missing)} ({prompts_in.path})")
+            task_of = {pid: p.get("task") for pid, p in prompts.items()}
+        inputs["prompts"] = prompts_in
     # check_inputs (in open) refuses embeddings made from other samples, so shard i of each covers the same prompts.
-    out = StageOutput.open(out_dir, "filter", _stage_config(cfg), {"embeddings": embeddings, "samples": samples},
-                           overwrite=cfg.overwrite)
+    out = StageOutput.open(out_dir, "filter", _stage_config(cfg), inputs, overwrite=cfg.overwrite)
     num_shards = embeddings.num_shards
     todo = [s for s in range(num_shards) if not out.done(s)]
     t0 = time.time()
@@ -184,14 +301,18 @@ def run(cfg: FilterConfig) -> None:
         parts: dict[int, dict[str, Any]] = {}   # the summary's inputs, not the shards: memory stays small
         for s in todo:
             smp = samples.read_shard(s, ["prompt_id", "sample_idx", "text", "finish_reason"])
-            result = filter_shard(embeddings.read_shard(s), smp, cfg, str(embeddings.path / shard_name(s)))
+            stats: dict[str, int] = {}
+            result = filter_shard(embeddings.read_shard(s), smp, cfg, str(embeddings.path / shard_name(s)), prompts,
+                                  stats)
+            capped = stats["capped_by_unique"]
             out.write_shard(s, result, {"rows": result.num_rows, "kept": int(pc.sum(result.column("kept")).as_py()
-                                                                              or 0)})
-            parts[s] = _partial_summary(result)
+                                                                              or 0), "capped_by_unique": capped})
+            parts[s] = _partial_summary(result, task_of, capped)
             bar.advance(task)
     for s in range(num_shards):                 # shards done by an earlier run: read back
         if s not in parts:
-            parts[s] = _partial_summary(out.read_shard(s))
+            entry = out.shard_entry(s) or {}
+            parts[s] = _partial_summary(out.read_shard(s), task_of, entry.get("meta", {}).get("capped_by_unique"))
     summary = _combine([parts[s] for s in range(num_shards)])
     out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

@@ -88,7 +88,11 @@ def _stage_details(stage: StageInput, examples: int) -> None:
     if m["stage"] == "filter" and table.num_rows:
         from negalign.filter import print_summary, summarise
 
-        print_summary(summarise(table))
+        summary = summarise(table)
+        for key in ("correct_by_family", "prompts_m_by_unique"):  # need the prompts / N: the manifest has them
+            if (m.get("summary") or {}).get(key) is not None:
+                summary[key] = m["summary"][key]
+        print_summary(summary)
         sims = table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(float)
         kept = table.column("kept").to_numpy(zero_copy_only=False)
         lo = min(-0.2, float(np.nanmin(sims))) if np.isfinite(sims).any() else -0.2

@@ -411,6 +411,8 @@ class Pipeline:
             "rank": [("pairs", "pairs"), ("embeddings", "embeddings")],
         }
         inputs = [at(k, d) for k, d in need.get(step.stage, [])]
+        if step.stage == "filter" and getattr(cfg, "prompts", None):  # else the embeddings' own prompts
+            inputs.append(_norm(cfg.prompts))
         optional = [at("greedy_dir", "greedy")] if step.stage in ("embed", "pair") else []
         if step.stage == "train" and cfg.objective != "sft":
             optional.append(at("samples", "samples"))  # the chat template recorded by sample

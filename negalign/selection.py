@@ -5,10 +5,13 @@ and calls one of :func:`select_self_contrast`, :func:`select_random`, :func:`sel
 (or :func:`select` by strategy name). Rows may come in any order; ``group`` = prompt index in ``0..P-1``.
 
 Order of the drops (a row gets the first reason that applies):
-``empty`` → ``truncated`` (only with ``drop_truncated``) → ``duplicate`` (exact text, the first occurrence
+``empty`` → ``truncated`` (only with ``drop_truncated``) → ``correct`` (``Candidates.is_correct``: the
+checker marks it a right answer, so it is never a negative) → ``duplicate`` (exact text, the first occurrence
 by ``sample_idx`` stays) → ``near_negative`` (opt-in) → ``near_duplicate`` (opt-in) → ranking →
-``near_target`` (self-contrast / threshold). The rows that reach the ranking are the prompt's
-*unique candidates* (``n_unique`` of them).
+``near_target`` (self-contrast / threshold) → ``same_as_target`` (``Candidates.is_target_copy``: a *kept*
+row that is a copy of the target; it keeps its rank and counted in ``n_unique``, as the reference code
+treats empty outputs, so the kept set is the rule's kept set minus the copies). The rows that reach the
+ranking are the prompt's *unique candidates* (``n_unique`` of them).
 
 Tie rule of the ranking: similarity ascending, then ``sample_idx`` ascending, then row order
 (-0.0 == +0.0, as for floats). ``rank`` 0 = least similar (the best negative); ``rank`` = -1 for rows
@@ -28,10 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 
 REASONS: tuple[str | None, ...] = (
-    None, "empty", "truncated", "duplicate", "near_negative", "near_duplicate", "near_target",
+    None, "empty", "truncated", "duplicate", "near_negative", "near_duplicate", "near_target", "correct",
+    "same_as_target",
 )
-"""``Selection.reason_code`` indexes this tuple (0 = not dropped)."""
-KEPT, EMPTY, TRUNCATED, DUPLICATE, NEAR_NEGATIVE, NEAR_DUPLICATE, NEAR_TARGET = range(len(REASONS))
+"""``Selection.reason_code`` indexes this tuple (0 = not dropped); new reasons go at the end (codes stay)."""
+(KEPT, EMPTY, TRUNCATED, DUPLICATE, NEAR_NEGATIVE, NEAR_DUPLICATE, NEAR_TARGET, CORRECT,
+ SAME_AS_TARGET) = range(len(REASONS))
 _REASON_ARRAY = np.array(REASONS, dtype=object)
 
 STRATEGIES = ("self-contrast", "random", "threshold")
@@ -49,7 +54,9 @@ class Candidates:
     is_empty: bool. sim: float32 cosine to the prompt's target. is_truncated: bool or None
     (``finish_reason == "length"``). num_samples: int64 ``(P,)``, ``N`` = samples generated per prompt;
     None = the number of rows of each prompt. emb: float32 ``(M, d)`` L2-normalised candidate
-    embeddings, needed only by ``near_dup_sim`` / ``max_neg_sim``.
+    embeddings, needed only by ``near_dup_sim`` / ``max_neg_sim``. is_correct: bool or None, a right answer
+    by the prompt's checker (dropped as ``correct`` before the ranking). is_target_copy: bool or None, the
+    text equals the target after normalisation (a kept one becomes ``same_as_target`` after the ranking).
     """
 
     group: np.ndarray
@@ -60,6 +67,8 @@ class Candidates:
     is_truncated: np.ndarray | None = None
     num_samples: np.ndarray | None = None
     emb: np.ndarray | None = None
+    is_correct: np.ndarray | None = None
+    is_target_copy: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.group = np.asarray(self.group, dtype=np.int64)
@@ -67,10 +76,11 @@ class Candidates:
         self.is_empty = np.asarray(self.is_empty, dtype=bool)
         self.sim = np.asarray(self.sim, dtype=np.float32)
         self.text_hash = np.asarray(self.text_hash)
-        if self.is_truncated is not None:
-            self.is_truncated = np.asarray(self.is_truncated, dtype=bool)
+        for name in ("is_truncated", "is_correct", "is_target_copy"):
+            if getattr(self, name) is not None:
+                setattr(self, name, np.asarray(getattr(self, name), dtype=bool))
         m = len(self.group)
-        for name in ("sample_idx", "text_hash", "is_empty", "sim", "is_truncated"):
+        for name in ("sample_idx", "text_hash", "is_empty", "sim", "is_truncated", "is_correct", "is_target_copy"):
             arr = getattr(self, name)
             if arr is not None and (arr.ndim != 1 or len(arr) != m):
                 raise ValueError(f"Candidates.{name}: expected shape ({m},), got {arr.shape}")
@@ -96,11 +106,14 @@ class Candidates:
 
 @dataclass
 class Selection:
-    """Per row: ``kept`` (bool), ``rank`` (int32, -1 = not ranked), ``reason_code`` (int8 into REASONS)."""
+    """Per row: ``kept`` (bool), ``rank`` (int32, -1 = not ranked), ``reason_code`` (int8 into REASONS).
+    ``capped_by_unique`` (self-contrast only, per prompt): ``n_unique − 1 < floor(N·p)``, so ``n_unique − 1``
+    set ``m`` and only the single most similar unique candidate was dropped by the rule (None otherwise)."""
 
     kept: np.ndarray
     rank: np.ndarray
     reason_code: np.ndarray
+    capped_by_unique: np.ndarray | None = None
 
     @property
     def drop_reason(self) -> np.ndarray:
@@ -220,6 +233,8 @@ def _select(c: Candidates, *, drop_truncated: bool, near_dup_sim: float | None, 
     code = np.zeros(len(c), dtype=np.int8)
     rank = np.full(len(c), -1, dtype=np.int32)
     drop = np.zeros(len(c), dtype=np.int8)
+    if c.is_correct is not None:
+        drop[c.is_correct] = CORRECT
     if drop_truncated and c.is_truncated is not None:
         drop[c.is_truncated] = TRUNCATED
     drop[c.is_empty] = EMPTY
@@ -235,6 +250,8 @@ def _select(c: Candidates, *, drop_truncated: bool, near_dup_sim: float | None, 
         order = alive[np.argsort(sims, kind="stable")]               # ties: earlier sample first
         rank[order] = np.arange(len(order))
         code[order[keep(g, c.sim[order]):]] = NEAR_TARGET
+    if c.is_target_copy is not None:
+        code[(code == KEPT) & c.is_target_copy] = SAME_AS_TARGET
     return Selection(kept=code == KEPT, rank=rank, reason_code=code)
 
 
@@ -255,9 +272,13 @@ def select_self_contrast(c: Candidates, keep_fraction: float = 0.75, *, drop_tru
     """
     if not 0.0 <= keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
-    return _select(c, drop_truncated=drop_truncated, near_dup_sim=near_dup_sim, max_neg_sim=max_neg_sim,
-                   neg_emb=neg_emb, neg_group=neg_group,
-                   keep=lambda g, s: max(0, min(int(int(c.num_samples[g]) * keep_fraction), len(s) - 1)))
+    out = _select(c, drop_truncated=drop_truncated, near_dup_sim=near_dup_sim, max_neg_sim=max_neg_sim,
+                  neg_emb=neg_emb, neg_group=neg_group,
+                  keep=lambda g, s: max(0, min(int(int(c.num_samples[g]) * keep_fraction), len(s) - 1)))
+    n_unique = np.bincount(c.group[out.rank >= 0], minlength=c.num_groups)
+    by_fraction = (c.num_samples * keep_fraction).astype(np.int64)    # int(N * p), as in the rule
+    out.capped_by_unique = (n_unique >= 1) & (n_unique - 1 < by_fraction)
+    return out
 
 
 def select_random(c: Candidates, *, drop_truncated: bool = False, near_dup_sim: float | None = None,
