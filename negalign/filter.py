@@ -279,11 +279,12 @@ def run(cfg: FilterConfig) -> None:
         prompts_in = open_stage(_prompts_path(cfg, embeddings), "prompts")
         files = prompts_in.shard_files()
         has_task = bool(files) and "task" in pq.read_schema(files[0]).names
-        if cfg.checkers and not has_task:
-            raise UsageError(f"{prompts_in.path}: `checkers` needs a task column in the prompts (re-run `negalign "
-                             "prepare` with --task-field), or use --checker for every prompt")
         cols = ["prompt_id", "target"] + (["task"] if has_task else [])
         prompts = {r["prompt_id"]: r for r in prompts_in.read(cols).to_pylist()}
+        if cfg.checkers and not any(p.get("task") is not None for p in prompts.values()):
+            raise UsageError(f"{prompts_in.path}: `checkers` needs the prompts' task column, and "
+                             f"{'no prompt has a task' if has_task else 'there is none'} (re-run `negalign prepare` "
+                             "with --task-field), or use --checker for every prompt")
         if cfg.checkers:
             families = {p.get("task") for p in prompts.values()}
             if missing := sorted(set(cfg.checkers) - families):

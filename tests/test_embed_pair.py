@@ -467,6 +467,87 @@ def test_filter_refuses_a_nan_embedding_in_one_line(filter_run) -> None:
     assert "sample_idx 2" in message and "part-00001" in message
 
 
+def _prompts_with(run: Path, targets: dict[str, str | None], tasks: dict[str, str | None]) -> None:
+    """Replace the fixture's prompts: the same prompts with other targets and task families."""
+    rows = []
+    for key in ("a", "d2o", "c"):
+        row = prompt_row(key, targets.get(key), ["given 1", "given 2"] if key == "d2o" else None)
+        rows.append({**row, "task": tasks.get(key)})
+    shutil.rmtree(run / "prompts")
+    write_stage(run / "prompts", "prompts", [rows], PROMPTS_SCHEMA)
+
+
+OLD_FILTER_KEYS = {"strategy", "keep_fraction", "max_sim", "drop_truncated", "near_dup_sim", "max_neg_sim"}
+
+
+def test_filter_drops_copies_of_the_target_after_the_rule(filter_run) -> None:
+    run, pid = filter_run
+    _prompts_with(run, {"a": "A0.", "c": "target c"}, {})
+    rows = run_filter(run)
+    # a0 (kept by the rule, rank 1) equals "A0." after the exact checker's normalisation; its duplicate (sample 2)
+    # stays a duplicate. The rule itself is unchanged: same ranks, the same other rows.
+    assert outcome(rows, pid["a"], 6) == ["same_as_target", "near_target", "duplicate", "empty", None, None]
+    assert [rows[(pid["a"], i)]["rank"] for i in range(6)] == [1, 3, -1, -1, 0, 2]
+    stage = open_stage(run / "negatives", "filter")
+    assert stage.config["drop_same_as_target"] is True and "checker" not in stage.config
+    assert stage.manifest["summary"]["by_reason"]["same_as_target"] == 1
+    # "a": N = 6, floor(4.5) = 4 > n_unique - 1 = 3; "c": floor(2.25) = 2 = n_unique - 1 (the fraction sets m)
+    assert stage.manifest["summary"]["prompts_m_by_unique"] == 1
+    # Off: the rule before this drop, with the config (so the fingerprint) it had then.
+    old = run_filter(run, "--no-drop-same-as-target", out="old")
+    assert outcome(old, pid["a"], 6) == [None, "near_target", "duplicate", "empty", None, None]
+    assert set(open_stage(run / "old", "filter").config) == OLD_FILTER_KEYS
+    # An output made under the old rule is not resumed under the new one (no mixed rows).
+    proc = negalign("filter", "--run", run, "--out", run / "old")
+    assert proc.returncode == 2 and "drop_same_as_target" in proc.stderr, proc.stderr
+
+
+def test_filter_drops_checker_correct_candidates_before_the_rule(filter_run, tmp_path: Path) -> None:
+    run, pid = filter_run
+    _prompts_with(run, {"a": "a0", "c": "c1"}, {"a": "fam_a", "c": "fam_c", "d2o": "fam_d"})
+    cfg = tmp_path / "filter.yaml"
+    cfg.write_text("checkers: {fam_a: exact, fam_c: contains, fam_x: number}\n")
+    proc = negalign("filter", "--run", run, "--out", run / "checked", "-c", cfg, check=True)
+    rows = {(r["prompt_id"], r["sample_idx"]): r for r in read_stage(run / "checked", "filter")}
+    # "a": a0 (both copies) is right, so it leaves before dedup and ranking: 3 unique left, m = min(4, 2) keeps
+    # a4 and a5, and a1 (the closest) goes. "c": c1 is right; c0, c2 left, m = min(2, 1) keeps c2.
+    assert outcome(rows, pid["a"], 6) == ["correct", "near_target", "correct", "empty", None, None]
+    assert outcome(rows, pid["c"], 3) == ["near_target", "correct", None]
+    assert outcome(rows, pid["d2o"], 5) == [None, "duplicate", None, None, None]     # no target: no checker
+    summary = open_stage(run / "checked", "filter").manifest["summary"]
+    assert summary["correct_by_family"] == {"fam_a": 2, "fam_c": 1}
+    assert summary["prompts_m_by_unique"] == 2
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "fam_x" in warnings[0], proc.stderr
+    assert "fam_a 2, fam_c 1" in proc.stderr.replace("\n", " ")
+    # inspect shows the per-family counts (from the manifest: the output has no task column)
+    shown = negalign("inspect", run / "checked", check=True)
+    assert "fam_a 2" in shown.stdout + shown.stderr
+    # kind none = similarity alone (the copy rule still applies: a0 is a copy of the target "a0")
+    rows = run_filter(run, "--checker", "none", out="none")
+    assert outcome(rows, pid["a"], 6) == ["same_as_target", "near_target", "duplicate", "empty", None, None]
+    # one kind for all prompts, no task needed
+    rows = run_filter(run, "--checker", "exact", out="all_exact")
+    assert outcome(rows, pid["c"], 3) == ["near_target", "correct", None]
+
+
+def test_filter_checker_bad_input_is_one_line_exit_2(filter_run, tmp_path: Path) -> None:
+    run, _ = filter_run
+    for yaml_text, words in (("checkers: {fam_a: exactly}\n", ("exactly", "fam_a")),
+                             ("checker: numbr\n", ("numbr", "checker"))):
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(yaml_text)
+        proc = negalign("filter", "--run", run, "--out", run / "bad", "-c", cfg)
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(errors) == 1 and all(w in errors[0] for w in words), proc.stderr
+        assert not (run / "bad").exists()
+    # the fixture's prompts have no task: `checkers` cannot apply
+    cfg.write_text("checkers: {fam_a: exact}\n")
+    proc = negalign("filter", "--run", run, "--out", run / "bad", "-c", cfg)
+    assert proc.returncode == 2 and "task" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (run / "bad").exists()
+
+
 def test_pair_groups_from_the_real_filter(filter_run) -> None:
     run, pid = filter_run
     negalign("filter", "--run", run, check=True)

@@ -322,3 +322,64 @@ def test_cosine_to_target_small_calls_on_one_thread_then_restores(monkeypatch):
     monkeypatch.setattr(selection, "_SINGLE_THREAD_ROWS", 100)
     cosine_to_target(e, e[:64], np.repeat(np.arange(64), 32))
     assert seen[-1] == before
+
+
+# ------------------------------------------------------------------- copies of the target, checker-correct rows
+def brute_rule(c: Candidates, p: float, correct: np.ndarray | None = None) -> set[int]:
+    """The reference rule written out per prompt: drop empties (and the checker-correct rows), dedup by text in
+    sample order, m = min(floor(N·p), n_unique − 1), keep the m least similar (ties: earlier sample)."""
+    kept: set[int] = set()
+    for g in range(c.num_groups):
+        rows = sorted(np.flatnonzero(c.group == g), key=lambda r: c.sample_idx[r])
+        rows = [r for r in rows if not c.is_empty[r] and (correct is None or not correct[r])]
+        seen, unique = set(), []
+        for r in rows:
+            if c.text_hash[r] not in seen:
+                seen.add(c.text_hash[r])
+                unique.append(r)
+        m = max(0, min(int(c.num_samples[g] * p), len(unique) - 1))
+        kept |= set(sorted(unique, key=lambda r: (c.sim[r], c.sample_idx[r]))[:m])
+    return kept
+
+
+def _with(c: Candidates, **extra) -> Candidates:
+    return Candidates(group=c.group, sample_idx=c.sample_idx, text_hash=c.text_hash, is_empty=c.is_empty, sim=c.sim,
+                      is_truncated=c.is_truncated, num_samples=c.num_samples, emb=c.emb, **extra)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_same_as_target_is_the_reference_rule_minus_the_copies(seed):
+    c = random_candidates(seed)
+    copy = c.text_hash % 4 == 0                                      # a property of the text, as in the stage
+    sel = select_self_contrast(_with(c, is_target_copy=copy), 0.75)
+    expected = brute_rule(c, 0.75)
+    assert set(np.flatnonzero(sel.kept)) == {r for r in expected if not copy[r]}
+    assert set(np.flatnonzero(sel.drop_reason == "same_as_target")) == {r for r in expected if copy[r]}
+    assert sel.reason_counts().get("same_as_target", 0) > 0
+    base = select_self_contrast(c, 0.75)                             # the ranking is the rule's own
+    assert (sel.rank == base.rank).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_correct_rows_leave_before_the_rule(seed):
+    c = random_candidates(seed)
+    correct = c.text_hash % 3 == 0
+    sel = select_self_contrast(_with(c, is_correct=correct), 0.75)
+    assert set(np.flatnonzero(sel.kept)) == brute_rule(c, 0.75, correct)
+    assert not (sel.kept & correct).any()
+    assert set(np.flatnonzero(sel.drop_reason == "correct")) == set(np.flatnonzero(correct & ~c.is_empty))
+    assert (sel.rank[correct] == -1).all()
+    # random and threshold strategies never keep a correct row either
+    for other in (select_random(_with(c, is_correct=correct)), select_threshold(_with(c, is_correct=correct), 0.5)):
+        assert not (other.kept & correct).any()
+
+
+def test_capped_by_unique_counts_prompts_where_n_unique_sets_m():
+    c = Candidates(group=[0] * 5 + [1] * 4 + [2] * 2, sample_idx=[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1],
+                   text_hash=[1, 2, 1, 3, 1, 1, 2, 3, 4, 5, 6], is_empty=[False] * 9 + [True, True],
+                   sim=np.linspace(0, 1, 11), num_samples=[5, 4, 2])
+    sel = select_self_contrast(c, 0.75)
+    # prompt 0: 3 unique, floor(3.75) = 3 > 2 -> n_unique - 1 sets m; prompt 1: floor(3) = 3 = 4 - 1 -> not;
+    # prompt 2: no candidate reaches the ranking -> not counted
+    assert sel.capped_by_unique.tolist() == [True, False, False]
+    assert select_random(c).capped_by_unique is None
