@@ -9,9 +9,13 @@ Embeddings are random unit vectors correlated with their prompt's target, ~10 % 
 vector as an earlier sample), ~1 % empty texts, ~5 % truncated; one target row per prompt. Then, each in its
 own subprocess, on the same run directory, one after the other:
 
-- negalign: `negalign filter --run R` as shipped;
+- negalign: `negalign filter --run R --no-drop-same-as-target` (the rule alone, as before that drop existed);
 - reference: the same command with `selection.cosine_to_target` and `selection.select` replaced by the plain
-  per-prompt loops of the paper's code (numpy dot per prompt; dict dedup and stable argsort per prompt).
+  per-prompt loops of the paper's code (numpy dot per prompt; dict dedup and stable argsort per prompt);
+- default: `negalign filter --run R` as shipped (also reads RUN/prompts for the targets' text and drops the
+  copies of the target, `same_as_target`);
+- checkers: the default plus `checkers: {fam0: number, fam1: exact, fam2: contains, fam3: none}` (YAML), the
+  prompts' task families cycling through fam0..fam3; ~5 % of the answers are the target's text (a number).
 
 Time is accounted per part by wrapping functions: shard reads (`StageInput.read_shard`: sha256 + Parquet),
 `filter_shard` (of which similarity and selection), shard writes (`StageOutput.write_shard`: Parquet, fsync,
@@ -40,7 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 from negalign.embed import embed_schema, text_sha  # noqa: E402
 from negalign.sample import SAMPLE_SCHEMA  # noqa: E402
-from negalign.store import StageOutput, open_stage  # noqa: E402
+from negalign.store import PROMPTS_SCHEMA, StageOutput, open_stage  # noqa: E402
+
+CHECKERS_YAML = "checkers: {fam0: number, fam1: exact, fam2: contains, fam3: none}\n"
+SIDES = ("negalign", "reference", "default", "checkers")
 
 # Run inside the command's process: swap in the reference rule and/or account time per part.
 PRELUDE = r'''
@@ -117,6 +124,7 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
     samples = StageOutput.open(run / "samples", "sample", {"synthetic": seed}, {}, info={"num_samples": n})
     embeds = StageOutput.open(run / "embeddings", "embed", {"synthetic": seed, "dim": dim}, {}, info={"dim": dim})
     schema = embed_schema(dim)
+    prompt_rows: list[pa.Table] = []
     for s in range(num_shards):
         rng = np.random.default_rng([seed, s])
         p = min(shard_prompts, prompts - s * shard_prompts)
@@ -127,6 +135,9 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
         dup = np.flatnonzero((rng.random(m) < 0.1) & (sample_idx > 0))
         src = dup - 1 - (rng.random(len(dup)) * sample_idx[dup]).astype(np.int64)
         texts[dup] = texts[src]
+        targets = [str(int(x)) for x in rng.integers(0, 1000, p)]
+        copy = rng.random(m) < 0.05                                   # the target's own text: right answers
+        texts[copy] = np.repeat(np.array(targets, dtype=object), n)[copy]
         texts[rng.random(m) < 0.01] = ""
         finish = np.where(rng.random(m) < 0.05, "length", "stop")
         target = rng.standard_normal((p, dim), dtype=np.float32)
@@ -142,6 +153,13 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
             "finish_reason": pa.array(finish, pa.string()), "seed": pa.array(np.arange(m), pa.int64()),
             "engine": pa.array(["hf"] * m, pa.string()), "model": pa.array(["synthetic"] * m, pa.string())},
             schema=SAMPLE_SCHEMA))
+        prompt_rows.append(pa.table({
+            "prompt_id": pa.array(pids, pa.string()),
+            "messages": pa.array([[{"role": "user", "content": f"question {i}"}] for i in pids],
+                                 PROMPTS_SCHEMA.field("messages").type),
+            "target": pa.array(targets, pa.string()), "negatives": pa.array([None] * p, pa.list_(pa.string())),
+            "task": pa.array([f"fam{(s * shard_prompts + i) % 4}" for i in range(p)], pa.string())},
+            schema=PROMPTS_SCHEMA))
         shas = [text_sha(t) for t in texts]
         vectors = np.concatenate([target, cand])
         embeds.write_shard(s, pa.table({
@@ -153,6 +171,9 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)},
             schema=schema))
     assert samples.finish(num_shards) and embeds.finish(num_shards)
+    prompts = StageOutput.open(run / "prompts", "prompts", {"synthetic": seed}, {})
+    prompts.write_shard(0, pa.concat_tables(prompt_rows))
+    assert prompts.finish(1)
     size = sum(f.stat().st_size for f in (run / "embeddings").glob("*.parquet"))
     return {"shards": num_shards, "build_s": time.perf_counter() - t0, "embeddings_gib": size / 2**30}
 
@@ -162,6 +183,11 @@ def run_command(side: str, run: Path, out: str, parts: bool) -> dict:
     if parts:
         env["BENCH_PARTS"] = "1"
     cmd = [sys.executable, "-c", PRELUDE, "filter", "--run", str(run), "--out", str(run / out)]
+    if side in ("negalign", "reference"):
+        cmd.append("--no-drop-same-as-target")
+    if side == "checkers":
+        (run / "checkers.yaml").write_text(CHECKERS_YAML)
+        cmd += ["-c", str(run / "checkers.yaml")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -186,7 +212,7 @@ def markdown(results: dict, built: dict, args: argparse.Namespace, differ: int, 
         parts = r.get("parts", {})
         lines.append(f"| {side} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mib']:,.0f} | "
                      + " | ".join(f"{parts.get(p, 0.0):.1f}" for p in PARTS) + " |")
-    a, b = results["negalign"], results["reference"]
+    a, b, d, c = (results[s] for s in SIDES)
     cmd = "    .venv/bin/python benchmarks/bench_filter.py " + " ".join(sys.argv[1:])
     return "\n".join([
         "## filter", "",
@@ -207,7 +233,11 @@ def markdown(results: dict, built: dict, args: argparse.Namespace, differ: int, 
         f"- store I/O (shard reads + writes + read-back): negalign "
         f"{sum(a['parts'].get(p, 0) for p in ('read_shard', 'write_shard', 'read_output')) / a['wall_s']:.0%} of "
         "its wall time.",
-        f"- kept flags that differ between the two: {differ} of {rows:,}.", ""])
+        f"- kept flags that differ between negalign and reference: {differ} of {rows:,}.",
+        f"- default / negalign (reading the prompts, the copy check) = {d['wall_s'] / a['wall_s']:.2f}; "
+        f"checkers / default = {c['wall_s'] / d['wall_s']:.2f} (wall); filter shard {d['parts']['filter_shard']:.1f}"
+        f" s (default) vs {c['parts']['filter_shard']:.1f} s (checkers).",
+        f"- checkers side: {c.get('by_reason', {})}; correct by family {c.get('correct_by_family', {})}.", ""])
 
 
 def main() -> None:
@@ -223,6 +253,8 @@ def main() -> None:
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="bench_filter_")
     run = (args.workdir or Path(tmp)) / "run"
     try:
+        if (run / "embeddings").exists() and not (run / "prompts").exists():
+            shutil.rmtree(run)                                       # made before the prompts were part of it
         if (run / "embeddings").exists():
             built = {"shards": len(list((run / "embeddings").glob("*.parquet"))), "build_s": float("nan"),
                      "embeddings_gib": sum(f.stat().st_size for f in (run / "embeddings").glob("*.parquet")) / 2**30}
@@ -230,10 +262,12 @@ def main() -> None:
             built = build_run(run, args.prompts, args.candidates, args.shard_prompts, args.dim, args.seed)
         print(f"input: {built}", flush=True)
         results = {}
-        for side in ("negalign", "reference"):
+        for side in SIDES:
             out = f"neg_{side}"
             shutil.rmtree(run / out, ignore_errors=True)
             results[side] = run_command(side, run, out, parts=True)
+            summary = open_stage(run / out, "filter").manifest["summary"]
+            results[side].update({k: summary[k] for k in ("by_reason", "correct_by_family") if k in summary})
             print(json.dumps(results[side]), flush=True)
         kept = {side: open_stage(run / f"neg_{side}", "filter").read(["kept"]).column("kept").to_numpy(
             zero_copy_only=False) for side in ("negalign", "reference")}
