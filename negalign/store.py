@@ -1,9 +1,20 @@
 """Artifact I/O: the only module that reads or writes stage outputs (SPEC §2).
 
 A stage output folder holds Parquet shards `part-NNNNN.parquet` and a `_manifest.json` (older folders:
-`manifest.json`). Shards are written to a temporary name, fsynced and renamed; the manifest is rewritten the same
-way under a file lock, so several shard-parallel workers can share one folder. A shard counts as done only when the
-manifest lists it as complete *and* the file's sha256 still matches; anything else is redone.
+`manifest.json`). Shards are written to a temporary name, fsynced and renamed. Bookkeeping costs the same for
+every shard, however many there are: each writer appends one fsynced JSON line per finished shard to a journal of
+its own (`_journal-HOST-PID-TOKEN.jsonl`; no two writers append to one file, so shard-parallel workers on several
+hosts can share a folder), and the manifest is rewritten (atomically, under a file lock) only when a run starts,
+at its first shard, and when it finishes: the fold. The manifest records how far each journal was folded, so a
+reader (and a resumed run) sees `_manifest.json` plus every journal line beyond that, the same entries that a
+manifest rewritten after every shard would hold; a torn last line (a writer killed mid-line) is ignored. The fold
+that completes the output removes the journals, so a finished folder holds only the manifest and its shards, in the
+same format as before. A shard counts as done only when the (folded) manifest lists it as complete *and* the file's
+sha256 still matches; anything else is redone.
+
+fsync policy: a shard's bytes are fsynced before its rename, its journal line after it; the folder itself is
+fsynced at every manifest write (which makes the shard renames durable too: a rename lost by a power cut before
+that leaves a journaled shard missing, which resume redoes, as it redoes any shard whose sha256 does not match).
 
 The guarantee: a stage never runs on an input that is stale, unverified or mixed, and a failed or killed command
 never destroys a complete output.
@@ -42,6 +53,7 @@ from negalign.versions import library_versions
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
 LEGACY_MANIFEST = "manifest.json"  # the older name, still read
+JOURNAL_PREFIX = "_journal-"  # + HOST-PID-TOKEN.jsonl: one per writer; leading underscore as for the manifest
 HOST = socket.gethostname()
 
 
@@ -82,8 +94,9 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}")
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)`, fsync tmp, rename it over `path`, fsync the folder: readers see old or new, never half."""
+def atomic_write(path: Path, write: Callable[[Path], None], *, sync_dir: bool = True) -> None:
+    """Call `write(tmp)`, fsync tmp, rename it over `path`, fsync the folder: readers see old or new, never half.
+    `sync_dir=False` leaves the folder's fsync to a later write in it (shards: the next manifest write)."""
     tmp = _tmp_path(path)
     try:
         write(tmp)
@@ -94,7 +107,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             os.close(fd)
         crash_point("manifest-tmp-written" if path.name == MANIFEST else "shard-tmp-written")
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if sync_dir:
+            _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -130,11 +144,12 @@ def parquet_bytes(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def write_parquet(path: Path, table: pa.Table) -> str:
-    """Write `table` atomically; return the file's sha256."""
+def write_parquet(path: Path, table: pa.Table, *, sync_dir: bool = True) -> str:
+    """Write `table` atomically; return the file's sha256 (of the bytes in memory: each byte hashed once)."""
     data = parquet_bytes(table)
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-    return hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(data).hexdigest()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), sync_dir=sync_dir)
+    return sha
 
 
 def _now() -> str:
@@ -218,6 +233,9 @@ def _manifest_problem(m: Any) -> str | None:
             return f"'{key}' is missing or not a {kind.__name__}"
     if m["status"] not in ("running", "complete"):
         return f"unknown status '{m['status']}'"
+    journals = m.get("journals", {})
+    if not (isinstance(journals, dict) and all(isinstance(v, int) for v in journals.values())):
+        return "'journals' is not a map of journal names to offsets"
     for name, e in m["shards"].items():
         if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and isinstance(e.get("sha256"), str)
                 and "status" in e):
@@ -231,14 +249,10 @@ def _manifest_problem(m: Any) -> str | None:
     return None
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The folder's manifest, checked against the schema above; None when the folder has none."""
-    f = manifest_file(path)
-    if f is None:
-        return None
+def _parse_manifest(f: Path, text: bytes) -> dict[str, Any]:
     m: Any = None
     try:
-        m = json.loads(f.read_text())
+        m = json.loads(text)
         why = _manifest_problem(m)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         why = f"not valid JSON: {e}"
@@ -247,6 +261,116 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         rerun = f"negalign {command_of(stage)}" if isinstance(stage, str) else "the stage that writes it"
         raise UsageError(f"{f}: broken manifest ({why}); re-run {rerun} with --overwrite to rebuild this output")
     return m
+
+
+# ----------------------------------------------------------------------------------------------- journals
+# One line per finished shard: {"shard": NAME, "t": ns since the epoch, "entry": {rows, sha256, status, meta,
+# written_at}}, the entry exactly as the manifest lists it.
+
+def journal_files(folder: Path) -> list[Path]:
+    """The folder's journals (one per writer), by name."""
+    try:
+        with os.scandir(folder) as it:
+            names = [e.name for e in it if e.name.startswith(JOURNAL_PREFIX) and e.name.endswith(".jsonl")]
+    except FileNotFoundError:
+        return []
+    return [Path(folder) / n for n in sorted(names)]
+
+
+def _journal_line(line: bytes) -> tuple[int, str, dict[str, Any]] | None:
+    """(t, shard name, entry) of a journal line, or None for a line that is not one (torn, damaged)."""
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict):
+        return None
+    shard, t, e = rec.get("shard"), rec.get("t"), rec.get("entry")
+    if not (isinstance(shard, str) and isinstance(t, int) and isinstance(e, dict) and isinstance(e.get("rows"), int)
+            and isinstance(e.get("sha256"), str) and "status" in e):
+        return None
+    return t, shard, e
+
+
+def _journal_tail(file: Path, offset: int) -> tuple[list[tuple[int, str, dict[str, Any]]], int]:
+    """The journal's lines after byte `offset`, up to its last newline (a line still being written, or torn by a
+    kill, is not one yet), and the offset after them."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    lines = [rec for line in data[:end].splitlines() if (rec := _journal_line(line)) is not None]
+    return lines, offset + end
+
+
+def _fold(folder: Path, base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """`base` (a parsed manifest, changed in place) with every journal line beyond what it folded applied, in time
+    order, and how far each journal has now been read. A complete manifest holds everything: journals beside it are
+    leftovers of a fold killed before it removed them, and are ignored."""
+    if base["status"] == "complete":
+        return base, {}
+    folded = base.get("journals") or {}
+    offsets: dict[str, int] = {}
+    lines: list[tuple[int, str, dict[str, Any]]] = []
+    for f in journal_files(folder):
+        tail, offsets[f.name] = _journal_tail(f, int(folded.get(f.name, 0)))
+        lines += tail
+    for _, shard, entry in sorted(lines, key=lambda rec: rec[0]):
+        base["shards"][shard] = entry
+    return base, offsets
+
+
+def _load(path: Path) -> tuple[dict[str, Any] | None, dict[str, int]]:
+    """(the folder's manifest with its journals folded in, how far each journal was read). Consistent without a
+    lock: a fold writes the manifest before it removes journals, so if the manifest file we read is still in place
+    after reading the journals, nothing we read was removed meanwhile; otherwise read again."""
+    f = manifest_file(path)
+    if f is None:
+        return None, {}
+    for _ in range(100):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError:  # replaced between the two calls: read again
+            f = manifest_file(path)
+            if f is None:
+                return None, {}
+            continue
+        try:
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                text = fh.read()
+            base = _parse_manifest(f, text)
+            if f.name != MANIFEST:
+                return base, {}
+            view, offsets = _fold(Path(path), base)
+            with contextlib.suppress(FileNotFoundError):
+                st, held = os.stat(f), os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                    return view, offsets
+        finally:
+            os.close(fd)
+    raise NegalignError(f"{path}: the manifest keeps changing while it is read; try again")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _remove_journals(files: list[Path]) -> None:
+    """Remove folded journals (under the lock), with a crash point after each: a fold killed half-way."""
+    for f in files:
+        f.unlink(missing_ok=True)
+        crash_point("journal-removed")
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The folder's manifest with its journals folded in (what a manifest rewritten after every shard would say),
+    checked against the schema above; None when the folder has none."""
+    return _load(path)[0]
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -623,11 +747,11 @@ class StageOutput:
     readonly: bool = False
     _lock: RunLock | None = None
     _marked_running: bool = False
-    # The manifest as we last read or wrote it, with an open descriptor of its file: a shard's update then costs
-    # one write, not a parse of a manifest that grows with every shard. Manifests are only ever replaced (atomic
-    # writes), and the inode we hold open cannot be reused, so the folder still has our file exactly when its inode
-    # is the one we hold; another worker's write replaces it.
-    _cached: tuple[int, dict[str, Any]] | None = None
+    # The manifest as this writer last folded or wrote it, plus the shards it journaled since: `done` and
+    # `shard_entry` cost a dict lookup, not a parse of a manifest that grows with every shard. Other workers'
+    # shards appear in it at the next fold (open, first write, finish) or `manifest()`.
+    _view: dict[str, Any] | None = None
+    _journal: tuple[int, Path] | None = None  # this writer's journal: (descriptor open for appending, path)
 
     @classmethod
     def open(cls, path: Path, stage: str, config: dict[str, Any],
@@ -648,17 +772,16 @@ class StageOutput:
                 out._lock.take(final, config)
                 out.path = out._choose_folder(key, overwrite, out._lock.alone)
                 out.path.mkdir(parents=True, exist_ok=True)
-                manifest = read_manifest(out.path) if manifest_file(out.path) else None
-                if manifest is None:
-                    manifest = {"stage": stage, "negalign_version": __version__, "config": config,
-                                "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
-                                "lineage": lineage, "info": out.info, "status": "running", "num_shards": None,
-                                "shards": {}, "created_at": _now(), "timings": {}, "versions": library_versions()}
-                else:
+                if manifest_file(out.path) is None:
+                    atomic_write_json(out.path / MANIFEST, {
+                        "stage": stage, "negalign_version": __version__, "config": config,
+                        "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
+                        "lineage": lineage, "info": out.info, "status": "running", "num_shards": None, "shards": {},
+                        "created_at": _now(), "timings": {}, "versions": library_versions(), "updated_at": _now()})
+                # Nobody else holds the output: every journal is a dead writer's, folded now and removed.
+                with out._editing(drop="all" if out._lock.alone else "none") as manifest:
                     manifest["info"] = {**manifest.get("info", {}), **out.info}
                     manifest.update(input_paths=paths, lineage=lineage)
-                manifest["updated_at"] = _now()
-                atomic_write_json(out.path / MANIFEST, manifest)
                 (out.path / LEGACY_MANIFEST).unlink(missing_ok=True)
         except BaseException:
             out._lock.release()
@@ -741,59 +864,73 @@ class StageOutput:
             raise NegalignError(f"{self.final}: not open for writing (finished, or not the main process)")
         return self._lock.mutex()
 
-    def _same_file(self, fd: int) -> bool:
-        try:
-            st, held = os.stat(self.path / MANIFEST), os.fstat(fd)
-        except FileNotFoundError:
-            return False
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
-
-    def _remember(self, fd: int | None, manifest: dict[str, Any]) -> None:
-        """Cache while this run holds the output (`finish` forgets), so no descriptor outlives the run."""
-        self._forget()
-        if fd is not None and self._lock is not None:
-            self._cached = (fd, manifest)
-        elif fd is not None:
-            os.close(fd)
-
-    def _forget(self) -> None:
-        if self._cached is not None:
-            os.close(self._cached[0])
-            self._cached = None
-
-    def _open_manifest_fd(self) -> int | None:
-        with contextlib.suppress(FileNotFoundError):
-            return os.open(self.path / MANIFEST, os.O_RDONLY)
-        return None
-
     def manifest(self) -> dict[str, Any]:
-        """The output's manifest (not to be modified: use `_editing`)."""
+        """The output's manifest with every journal folded in, read now (not to be modified: use `_editing`)."""
         self._follow_swap()
-        if self._cached is not None and self._same_file(self._cached[0]):
-            return self._cached[1]
-        fd = self._open_manifest_fd()  # before reading: what we read is this file's if it is still in place after
         manifest = read_manifest(self.path)
         assert manifest is not None
-        if fd is not None and not self._same_file(fd):
-            os.close(fd)
-            fd = None
-        self._remember(fd, manifest)
+        self._view = manifest
         return manifest
 
+    def _current(self) -> dict[str, Any]:
+        """The manifest as this writer knows it (see `_view`): no read."""
+        self._follow_swap()
+        return self._view if self._view is not None else self.manifest()
+
     @contextlib.contextmanager
-    def _editing(self) -> Iterator[dict[str, Any]]:
-        """The manifest to change (hold the lock: `_update`), written atomically when the block ends without an
-        error."""
-        manifest = self.manifest()
-        self._forget()  # until written: a failed edit must not leave its half-changes cached
+    def _editing(self, drop: str = "none") -> Iterator[dict[str, Any]]:
+        """The manifest with every journal folded in, to change (hold the lock: `_update`); written atomically,
+        with how far each journal was folded, when the block ends without an error: the fold. Then journals are
+        removed: all of them if the manifest is now complete or `drop` is "all" (nobody else writes), this writer's
+        own if `drop` is "own" (it writes no more)."""
+        self._follow_swap()
+        manifest, offsets = _load(self.path)
+        assert manifest is not None
+        self._view = None  # until written: a failed edit must not leave its half-changes in view
+        if manifest["status"] == "complete":  # journals beside a complete manifest are leftovers of a killed fold
+            _remove_journals(journal_files(self.path))
         yield manifest
         manifest["updated_at"] = _now()
+        if manifest["status"] == "complete":
+            manifest.pop("journals", None)
+        else:
+            manifest["journals"] = offsets
         atomic_write_json(self.path / MANIFEST, manifest)
-        self._remember(self._open_manifest_fd(), manifest)  # under the lock: nobody replaced it since
+        crash_point("fold-written")
+        self._view = manifest
+        if manifest["status"] == "complete" or drop == "all":
+            self._close_journal()
+            _remove_journals(journal_files(self.path))
+        elif drop == "own" and self._journal is not None:
+            own = self._journal[1]
+            self._close_journal()
+            _remove_journals([own])
+
+    def _append_journal(self, name: str, entry: dict[str, Any]) -> None:
+        """One line for a finished shard in this writer's journal, fsynced. Written in two halves, with a crash
+        point between them, so that the crash tests can tear a line as a kill in the middle of a write would."""
+        if self._journal is None:
+            path = self.path / f"{JOURNAL_PREFIX}{HOST.replace('-', '_')}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            _fsync_dir(self.path)
+            self._journal = (fd, path)
+        fd = self._journal[0]
+        line = (json.dumps({"shard": name, "t": time.time_ns(), "entry": entry}, separators=(",", ":"),
+                           default=str) + "\n").encode()
+        half = len(line) // 2
+        _write_all(fd, line[:half])
+        crash_point("journal-torn")
+        _write_all(fd, line[half:])
+        os.fsync(fd)
+
+    def _close_journal(self) -> None:
+        if self._journal is not None:
+            os.close(self._journal[0])
+            self._journal = None
 
     def shard_entry(self, index: int) -> dict[str, Any] | None:
         """The manifest entry of a shard if it is complete and its file is intact, else None."""
-        entry = self.manifest()["shards"].get(shard_name(index))
+        entry = self._current()["shards"].get(shard_name(index))
         f = self.path / shard_name(index)
         if entry is None or entry.get("status") != "complete" or not f.exists():
             return None
@@ -806,26 +943,29 @@ class StageOutput:
 
     def read_shard(self, index: int) -> pa.Table:
         """A shard this output holds, verified against its sha256."""
-        entry = self.manifest()["shards"].get(shard_name(index))
+        entry = self._current()["shards"].get(shard_name(index))
         if entry is None:
             raise NegalignError(f"{self.path / shard_name(index)}: not written yet")
         return read_verified(self.path / shard_name(index), entry)
 
     def write_shard(self, index: int, table: pa.Table, meta: dict[str, Any] | None = None) -> None:
-        """Write shard `index` atomically, then record it in the manifest (also atomically, under the lock).
-        The first write of a run marks the output `running` (no fingerprint): a run killed half-way never leaves
-        it looking complete."""
+        """Write shard `index` atomically, then journal it (one fsynced line: constant cost per shard). The first
+        write of a run marks the output `running` (no fingerprint): a run killed half-way never leaves it looking
+        complete."""
         name = shard_name(index)
+        if self.readonly or self._lock is None or self._lock.fd is None:
+            raise NegalignError(f"{self.final}: not open for writing (finished, or not the main process)")
         if not self._marked_running:
             with self._update(), self._editing() as manifest:
                 manifest["status"] = "running"
                 manifest.pop("fingerprint", None)
             self._marked_running = True
-        sha = write_parquet(self.path / name, table)
+        sha = write_parquet(self.path / name, table, sync_dir=False)
         crash_point("shard-renamed")
-        with self._update(), self._editing() as manifest:
-            manifest["shards"][name] = {"rows": table.num_rows, "sha256": sha, "status": "complete",
-                                        "meta": meta or {}, "written_at": _now()}
+        entry = {"rows": table.num_rows, "sha256": sha, "status": "complete", "meta": meta or {},
+                 "written_at": _now()}
+        self._append_journal(name, entry)
+        self._current()["shards"][name] = entry
         crash_point("between-shards")
 
     def finish(self, num_shards: int, timings: dict[str, Any] | None = None,
@@ -836,14 +976,15 @@ class StageOutput:
             return True
         try:
             with self._update():
-                with self._editing() as manifest:
+                with self._editing(drop="own") as manifest:
                     complete, extras = self._finish_locked(manifest, num_shards, timings, summary)
                 for extra in extras:  # files after the manifest
                     (self.path / extra).unlink(missing_ok=True)
                 if complete and self.path != self.final:
                     self._swap_in()
         finally:
-            self._forget()
+            self._close_journal()
+            self._view = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None

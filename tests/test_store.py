@@ -383,3 +383,106 @@ def test_manifest_json_is_one_line_per_shard_and_round_trips() -> None:
     assert json.loads(text) == manifest
     assert sum(line.strip().startswith('"part-') for line in text.splitlines()) == 20
     assert '"nested": {' in text  # small dicts stay indented, one key per line
+
+
+# ------------------------------------------------------------------------------------------------ issue 20: journals
+
+def _journals(folder: Path) -> list[Path]:
+    return sorted(folder.glob("_journal-*.jsonl"))
+
+
+def test_manifest_writes_per_run_do_not_grow_with_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bookkeeping per shard is one journal line: the manifest is written a fixed number of times per run."""
+    import negalign.store as store
+
+    writes: list[Path] = []
+    real = store.atomic_write_json
+    monkeypatch.setattr(store, "atomic_write_json", lambda path, obj: (writes.append(path), real(path, obj)))
+    counts = []
+    for n in (2, 40):
+        writes.clear()
+        _write_all(tmp_path / f"o{n}", {"a": 1}, shards=n)
+        counts.append(len(writes))
+    assert counts[0] == counts[1] <= 4, counts
+
+
+def test_unfolded_folder_reads_as_the_manifest_would(tmp_path: Path) -> None:
+    from negalign.store import read_manifest
+
+    out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    for s in range(3):
+        out.write_shard(s, _table(10 * s, 10), {"k": s})
+    on_disk = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert on_disk["shards"] == {} and len(_journals(tmp_path / "o")) == 1  # journaled, not yet folded
+    folded = read_manifest(tmp_path / "o")
+    assert sorted(folded["shards"]) == [shard_name(s) for s in range(3)]
+    assert folded["shards"][shard_name(2)]["meta"] == {"k": 2} and folded["status"] == "running"
+    with pytest.raises(UsageError, match=r"not finished \(3/\? shards\)"):
+        open_stage(tmp_path / "o", "toy")
+    assert out.finish(3)
+    final = json.loads((tmp_path / "o" / MANIFEST).read_text())
+    assert not _journals(tmp_path / "o") and "journals" not in final  # the fold removed them
+    assert {k: v for k, v in final["shards"][shard_name(2)].items() if k != "written_at"} == {
+        "rows": 10, "sha256": folded["shards"][shard_name(2)]["sha256"], "status": "complete", "meta": {"k": 2}}
+    assert set(final) == {"stage", "negalign_version", "config", "config_fingerprint", "inputs", "input_paths",
+                          "lineage", "info", "status", "num_shards", "shards", "created_at", "timings", "versions",
+                          "updated_at", "fingerprint"}  # the format of a finished manifest is unchanged
+
+
+def test_torn_last_journal_line_is_ignored_and_the_shard_redone(tmp_path: Path) -> None:
+    out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    out.write_shard(0, _table(0, 10))
+    out.write_shard(1, _table(10, 10))
+    out._lock.release()  # as if killed: no finish
+    journal = _journals(tmp_path / "o")[0]
+    data = journal.read_bytes()
+    journal.write_bytes(data[: len(data) - 40])  # the second line torn
+    from negalign.store import read_manifest
+
+    assert sorted(read_manifest(tmp_path / "o")["shards"]) == [shard_name(0)]
+    _, written = _write_all(tmp_path / "o", {"a": 1})
+    assert written == [1, 2] and _rows(tmp_path / "o") == list(range(30)) and not _journals(tmp_path / "o")
+
+
+@pytest.mark.parametrize("point", ["journal-torn:2", "shard-renamed:2", "fold-written:2", "fold-written:3",
+                                   "journal-removed:1"])
+def test_kill_at_each_journal_point_then_resume(tmp_path: Path, point: str) -> None:
+    """Killed mid-line, between a shard's rename and its line, after a fold wrote the manifest, or while it removes
+    journals: the output is never complete early, and a re-run completes it to the clean result."""
+    killed = _writer(tmp_path / "o", {"a": 1}, crash=point)
+    assert killed.returncode == -9, killed.stderr
+    from negalign.store import read_manifest
+
+    m = read_manifest(tmp_path / "o")
+    for name, entry in m["shards"].items():  # every journaled shard is intact
+        assert pq.read_table(tmp_path / "o" / name).num_rows == entry["rows"]
+    if m["status"] != "complete":
+        with pytest.raises(UsageError, match="not finished"):
+            open_stage(tmp_path / "o", "toy")
+    done = _writer(tmp_path / "o", {"a": 1})
+    assert done.returncode == 0 and "finished True" in done.stdout, done.stderr
+    assert _rows(tmp_path / "o") == [1000 + i for i in range(30)]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [MANIFEST] + [shard_name(s) for s in range(3)]
+
+
+PARALLEL_WORKER = """
+import sys
+import pyarrow as pa
+from negalign.store import StageOutput, my_shards
+path, worker, workers, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+out = StageOutput.open(path, "toy", {"a": 1}, {"input": "abc"})
+for s in my_shards(shards, worker, workers):
+    out.write_shard(s, pa.table({"prompt_id": [f"p{s}"], "x": [s]}))
+print("finished", out.finish(shards))
+"""
+
+
+def test_shard_parallel_processes_share_a_folder(tmp_path: Path) -> None:
+    """Four worker processes at once, each journaling its own shards into a file of its own; the one that finds
+    every shard done completes the output."""
+    procs = [subprocess.Popen([sys.executable, "-c", PARALLEL_WORKER, str(tmp_path / "o"), str(w), "4", "40"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert any("finished True" in o for o, _ in outs)
+    assert _rows(tmp_path / "o") == list(range(40)) and not _journals(tmp_path / "o")
