@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from negalign.store import canonical_json, manifest_file, sha256_file
+from negalign.store import canonical_json, manifest_file, read_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ZYGOTE = Path(__file__).with_name("zygote.py")
@@ -118,11 +118,14 @@ def snapshot(path: Path, volatile: frozenset[str] = frozenset(), run: Path | Non
 
 
 def check_consistent(path: Path) -> None:
-    """After a kill: the manifest (if any) parses and every shard it calls complete is intact."""
+    """After a kill: the manifest (if any) parses, and every shard it calls complete is intact, those its journals
+    add included (what readers and resume see: `read_manifest` folds them in)."""
     mf = manifest_file(path) if Path(path).is_dir() else None
     if mf is None:
         return
-    manifest = json.loads(mf.read_text())
+    json.loads(mf.read_text())
+    manifest = read_manifest(path)
+    assert manifest is not None
     for name, entry in manifest["shards"].items():
         if entry.get("status") == "complete":
             assert (path / name).exists(), f"{path / name}: listed complete but missing"
@@ -189,8 +192,10 @@ def draw_point(rng: random.Random, hits: dict[str, int]) -> str:
     return rng.choice(moments)
 
 
-def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path, seed: int) -> dict[str, Any]:
-    """One crash trial; returns what was done (for the report). Fails the test on any difference."""
+def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path, seed: int,
+          point: str | None = None) -> dict[str, Any]:
+    """One crash trial; returns what was done (for the report). Fails the test on any difference. `point`
+    (`name:N`) kills there instead of at a drawn moment."""
     rng = random.Random(f"{stage.name}:{seed}")
     run = workdir / "run"
     for name in stage.inputs:
@@ -201,13 +206,13 @@ def trial(zygote: Zygote, stage: Stage, base: Path, clean: Clean, workdir: Path,
             run.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, run / name)
     log = workdir / "log.txt"
-    if stage.delay_only or rng.random() < 0.25:
+    if point is None and (stage.delay_only or rng.random() < 0.25):
         delay = rng.uniform(0.0, 0.7 * clean.seconds)  # the clean run's duration includes the fork and reports
         code = zygote.run(stage.argv(run), log=log, kill_after=delay)
         what = {"kill": f"after {delay:.2f}s", "killed": code == SIGKILLED}
         assert code in (0, SIGKILLED), f"{stage.name} exited {code}:\n{log.read_text()[-3000:]}"
     else:
-        point = draw_point(rng, clean.hits)
+        point = point or draw_point(rng, clean.hits)
         code = zygote.run(stage.argv(run), log=log, env={"NEGALIGN_CRASH_AT": point})
         what = {"kill": point, "killed": code == SIGKILLED}
         assert code == SIGKILLED, f"{stage.name} with NEGALIGN_CRASH_AT={point} exited {code}, not killed:\n" \

@@ -96,3 +96,23 @@ def test_crash_then_resume_equals_clean_run(stage: str, seed: int, zygote: Zygot
     what = trial(zygote, STAGES[stage], run, cleans[stage], tmp_path, seed)
     print(stage, seed, what)
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+# Issue 20: the bookkeeping's own kill points, each hit for sure (the drawn trials above reach them by chance):
+# mid journal line, between a shard's rename and its line, after the fold wrote the manifest, and half-way through
+# removing the journals. `first`/`last`: the first or the last time the point is reached in the clean run.
+JOURNAL_POINTS = ["journal-torn", "shard-renamed", "fold-written", "journal-removed"]
+
+
+@pytest.mark.parametrize("stage", ["prepare", "embed", "filter", "pair"])
+@pytest.mark.parametrize("point", JOURNAL_POINTS)
+@pytest.mark.parametrize("which", ["first", "last"])
+def test_kill_at_bookkeeping_point_then_resume(stage: str, point: str, which: str, zygote: Zygote, base,
+                                               tmp_path: Path) -> None:
+    run, cleans = base
+    hits = cleans[stage].hits.get(point, 0)
+    assert hits, f"{stage} never reached {point}: {cleans[stage].hits}"
+    nth = 1 if which == "first" else hits
+    what = trial(zygote, STAGES[stage], run, cleans[stage], tmp_path, 0, point=f"{point}:{nth}")
+    print(stage, point, which, what)
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
