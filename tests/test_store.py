@@ -486,3 +486,22 @@ def test_shard_parallel_processes_share_a_folder(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), outs
     assert any("finished True" in o for o, _ in outs)
     assert _rows(tmp_path / "o") == list(range(40)) and not _journals(tmp_path / "o")
+
+
+def test_float_vectors_are_stored_plain_and_everything_else_zstd() -> None:
+    """Embeddings neither repeat nor compress: no dictionary, no compression for them (faster to write and read);
+    the leaf paths the settings name are the ones pyarrow writes, nested columns included."""
+    from negalign.store import parquet_bytes
+
+    t = pa.table({"prompt_id": ["a", "b"], "messages": [[{"role": "user", "content": "x"}]] * 2,
+                  "meta": pa.array([{"k": 1}] * 2, pa.map_(pa.string(), pa.int64())),
+                  "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.5] * 8, pa.float32()), 4),
+                  "rejected_sim": pa.array([[0.1], [0.2]], pa.list_(pa.float32()))})
+    data = parquet_bytes(t)
+    assert pq.read_table(pa.BufferReader(data)).equals(t)
+    rg = pq.ParquetFile(pa.BufferReader(data)).metadata.row_group(0)
+    codecs = {rg.column(i).path_in_schema: rg.column(i).compression for i in range(rg.num_columns)}
+    assert codecs == {"prompt_id": "ZSTD", "messages.list.element.role": "ZSTD",
+                      "messages.list.element.content": "ZSTD", "meta.key_value.key": "ZSTD",
+                      "meta.key_value.value": "ZSTD", "embedding.list.element": "UNCOMPRESSED",
+                      "rejected_sim.list.element": "UNCOMPRESSED"}

@@ -8,7 +8,6 @@ where `mount -t tmpfs` is allowed, i.e. as root with CAP_SYS_ADMIN; skipped else
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from negalign.cli import app
+from negalign.store import read_manifest
 from tests.conftest import EXAMPLE_DATA
 from tests.crash.harness import snapshot
 
@@ -78,7 +78,7 @@ def test_enospc_mid_run_resumes_to_the_clean_output(tmp_path: Path, failing_writ
     failing_write.update(fail_at=3)
     code, err = _prepare(run, data, "--shard-size", "2")
     assert code == 1 and "No space left on device" in err
-    manifest = json.loads((run / "prompts" / "_manifest.json").read_text())
+    manifest = read_manifest(run / "prompts")  # with its journal folded in, as resume sees it
     assert manifest["status"] != "complete" and len(manifest["shards"]) == 2  # shards 0 and 1 are kept
     failing_write.update(fail_at=None)
     assert _prepare(run, data, "--shard-size", "2")[0] == 0
