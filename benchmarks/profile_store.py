@@ -92,9 +92,9 @@ def per_shard(run: Path, shards: int, workdir: Path) -> dict[str, float]:
         f = emb_in.path / shard_name(s)
         data, t = _ms(f.read_bytes)
         steps["emb: read bytes"].append(t)
-        _, t = _ms(lambda: hashlib.sha256(data).hexdigest())
+        _, t = _ms(hashlib.sha256, data)
         steps["emb: sha256"].append(t)
-        table, t = _ms(lambda: pq.ParquetFile(pa.BufferReader(data)).read())
+        table, t = _ms(lambda d=data: pq.ParquetFile(pa.BufferReader(d)).read())
         steps["emb: Parquet decode"].append(t)
         _, t = _ms(embeddings_array, table)
         steps["emb: embedding -> numpy"].append(t)
@@ -103,7 +103,8 @@ def per_shard(run: Path, shards: int, workdir: Path) -> dict[str, float]:
         smp, t = _ms(smp_in.read_shard, s, ["prompt_id", "sample_idx", "text", "finish_reason"])
         steps["samples: read_shard"].append(t)
         keys = table.select(["prompt_id", "sample_idx"]).append_column("row", pa.array(np.arange(table.num_rows)))
-        _, t = _ms(lambda: keys.join(smp, keys=["prompt_id", "sample_idx"], join_type="left outer").sort_by("row"))
+        _, t = _ms(lambda k=keys, m=smp: k.join(m, keys=["prompt_id", "sample_idx"],
+                                                 join_type="left outer").sort_by("row"))
         steps["samples join"].append(t)
         result = pa.table({"prompt_id": table.column("prompt_id"), "sample_idx": table.column("sample_idx"),
                            "text_sha": table.column("text_sha"),
@@ -113,9 +114,10 @@ def per_shard(run: Path, shards: int, workdir: Path) -> dict[str, float]:
                            "drop_reason": pa.array([None] * table.num_rows, pa.string())})
         blob, t = _ms(store.parquet_bytes, result)
         steps["out: Parquet encode"].append(t)
-        _, t = _ms(lambda: hashlib.sha256(blob).hexdigest())
+        _, t = _ms(hashlib.sha256, blob)
         steps["out: sha256"].append(t)
-        _, t = _ms(store.atomic_write, scratch / ".x.parquet", lambda tmp: tmp.write_bytes(blob), sync_dir=False)
+        _, t = _ms(store.atomic_write, scratch / ".x.parquet", lambda tmp, b=blob: tmp.write_bytes(b),
+                   sync_dir=False)
         steps["out: write + fsync + rename"].append(t)
         _, t = _ms(out._append_journal, shard_name(s), {"rows": 1, "sha256": "x", "status": "complete"})
         steps["out: journal line (fsync)"].append(t)

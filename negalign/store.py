@@ -798,11 +798,10 @@ class StageOutput:
                 out.path = out._choose_folder(key, overwrite, out._lock.alone)
                 out.path.mkdir(parents=True, exist_ok=True)
                 if manifest_file(out.path) is None:
-                    atomic_write_json(out.path / MANIFEST, {
-                        "stage": stage, "negalign_version": __version__, "config": config,
-                        "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
-                        "lineage": lineage, "info": out.info, "status": "running", "num_shards": None, "shards": {},
-                        "created_at": _now(), "timings": {}, "versions": library_versions(), "updated_at": _now()})
+                    out._view = {"stage": stage, "negalign_version": __version__, "config": config,
+                                 "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
+                                 "lineage": lineage, "info": out.info, "status": "running", "num_shards": None,
+                                 "shards": {}, "created_at": _now(), "timings": {}, "versions": library_versions()}
                 # Nobody else holds the output: every journal is a dead writer's, folded now and removed.
                 with out._editing(drop="all" if out._lock.alone else "none") as manifest:
                     manifest["info"] = {**manifest.get("info", {}), **out.info}
@@ -910,7 +909,9 @@ class StageOutput:
         own if `drop` is "own" (it writes no more)."""
         self._follow_swap()
         manifest, offsets = _load(self.path)
-        assert manifest is not None
+        if manifest is None:  # a new output (`open` put its first manifest in view)
+            assert self._view is not None
+            manifest, offsets = self._view, {}
         self._view = None  # until written: a failed edit must not leave its half-changes in view
         if manifest["status"] == "complete":  # journals beside a complete manifest are leftovers of a killed fold
             _remove_journals(journal_files(self.path))
@@ -921,7 +922,8 @@ class StageOutput:
         else:
             manifest["journals"] = offsets
         atomic_write_json(self.path / MANIFEST, manifest)
-        crash_point("fold-written")
+        if offsets:  # a fold of journals (a stage without shards, e.g. train, has none)
+            crash_point("fold-written")
         self._view = manifest
         if manifest["status"] == "complete" or drop == "all":
             self._close_journal()
