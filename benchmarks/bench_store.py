@@ -83,8 +83,11 @@ def store_alone(shards: int, rows: int, workdir: Path) -> None:
     print(f"\nmanifest at the end: {manifest.stat().st_size / 1024:.0f} KiB")
 
 
+CODE = [Path(__file__).resolve().parents[1]]  # the checkout whose negalign the CLI runs (--code)
+
+
 def _negalign(*args: str) -> tuple[float, subprocess.CompletedProcess]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(CODE[0]), "COLUMNS": "200"}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "negalign", *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -138,7 +141,10 @@ def main() -> None:
     ap.add_argument("--cli-small", type=int, default=400, help="prompts (= shards) of part 2's small run")
     ap.add_argument("--cli-large", type=int, default=3200, help="... and of its large run (0: skip part 2)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/bench_store"))
+    ap.add_argument("--code", type=Path, help="run the CLI of this checkout instead (e.g. main, for a before figure)")
     args = ap.parse_args()
+    if args.code:
+        CODE[0] = args.code.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.shards:
         store_alone(args.shards, args.rows, args.workdir)

@@ -172,6 +172,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/profile_store"))
     ap.add_argument("--keep", action="store_true", help="reuse a synthetic run built earlier in --workdir")
+    ap.add_argument("--split-only", action="store_true", help="only the filter command's split (runs on older code)")
     args = ap.parse_args()
     run = args.workdir / f"run-{args.prompts}x{args.samples}-d{args.dim}"
     if not (args.keep and (run / "embeddings" / store.MANIFEST).exists()):
@@ -183,7 +184,7 @@ def main() -> None:
     size = os.path.getsize(run / "embeddings" / shard_name(0)) / 1e6
     print(f"\n{args.prompts} prompts × {args.samples} samples, dim {args.dim}, {shards} shards of {SHARD} prompts "
           f"(embeddings shard {size:.2f} MB)\n\n| step (per shard) | ms (median) |\n|---|---:|")
-    for k, v in per_shard(run, min(shards, 40), args.workdir).items():
+    for k, v in ({} if args.split_only else per_shard(run, min(shards, 40), args.workdir)).items():
         print(f"| {k} | {v:.2f} |")
     split = filter_split(run)
     total = split.pop("total")
