@@ -128,7 +128,8 @@ def through_cli(sizes: list[int], workdir: Path) -> None:
     leftovers = [p.name for p in big.iterdir() if not p.name.endswith(".parquet") and p.name != "_manifest.json"]
     df = pd.read_parquet(big)
     _, proc = _negalign("inspect", str(big.parent))
-    ok = "ok" in proc.stdout and "damaged" not in proc.stdout
+    said = proc.stdout + proc.stderr  # the console writes to stderr
+    ok = "│ ok" in said and "damaged" not in said and "stale" not in said
     print(f"\n{big}: pandas reads {len(df):,} rows (expected {max(sizes):,}); `negalign inspect` exit 0, "
           f"check {'ok' if ok else 'NOT ok'}; files besides shards and manifest: {leftovers or 'none'}")
     assert len(df) == max(sizes) and ok and not leftovers
