@@ -413,7 +413,9 @@ def read_verified(file: Path, entry: dict[str, Any], kind: str | None = None,
     parquet = pq.ParquetFile(pa.BufferReader(data))
     if kind in SCHEMAS:
         check_schema(parquet.schema_arrow, kind, file)
-    return parquet.read(columns=columns)
+    # One thread: a shard is one row group of a few MB; Arrow's thread pool cost more than it saved here (3.3 MB
+    # embeddings shard on 2 busy cores: 11.0 -> 4.6 ms median).
+    return parquet.read(columns=columns, use_threads=False)
 
 
 @dataclass
