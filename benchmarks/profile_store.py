@@ -65,7 +65,8 @@ def build(run: Path, prompts: int, samples: int, dim: int, seed: int = 0) -> Non
         vec = rng.standard_normal((len(rows), dim)).astype(np.float32)
         vec /= np.linalg.norm(vec, axis=1, keepdims=True)
         texts = [r["text"] for r in smp]
-        shas = [hashlib.sha256(f"{p}".encode()).hexdigest() for p, *_ in rows[:SHARD]]
+        n_targets = len(pids[s * SHARD:(s + 1) * SHARD])
+        shas = [hashlib.sha256(f"{p}".encode()).hexdigest() for p, *_ in rows[:n_targets]]
         shas += [hashlib.sha256(t.encode()).hexdigest() for t in texts]
         out.write_shard(s, pa.table({
             "prompt_id": [r[0] for r in rows], "sample_idx": pa.array([r[1] for r in rows], pa.int32()),
