@@ -2,7 +2,9 @@
 
 Set `NEGALIGN_CRASH_AT=name` to die (SIGKILL, as `kill -9` would) the first time the point `name` is reached, or
 `NEGALIGN_CRASH_AT=name:N` to die the N-th time (1-based) it is reached in this process. Unset, it costs a dict
-lookup. Points in the store: `shard-tmp-written`, `shard-renamed`, `manifest-tmp-written`, `between-shards`.
+lookup. Points in the store: `shard-tmp-written`, `shard-renamed`, `journal-torn` (half a journal line written),
+`between-shards`, `manifest-tmp-written`, `fold-written` (a fold wrote the manifest, journals not yet removed),
+`journal-removed` (after each journal a fold removes), `swap-half-done`.
 """
 
 from __future__ import annotations
