@@ -32,6 +32,7 @@ from negalign.config import EmbedConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import UsageError
 from negalign.models import best_device, load_embedder, model_fingerprint, model_label, resolve_model
+from negalign.schemas import embed_schema
 from negalign.store import StageInput, StageOutput, my_shards, open_optional_stage, open_stage
 from negalign.threads import set_threads
 
@@ -46,13 +47,6 @@ def negative_idx(j: int) -> int:
 
 def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def embed_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("source", pa.string()), ("text_sha", pa.string()),
-        ("is_empty", pa.bool_()), ("embedding", pa.list_(pa.float32(), dim)),
-    ])
 
 
 def embeddings_array(table: pa.Table, column: str = "embedding") -> np.ndarray:

@@ -33,15 +33,10 @@ from negalign.config import FilterConfig, stage_path
 from negalign.console import console, progress
 from negalign.embed import embeddings_array
 from negalign.errors import BadInput, UsageError
+from negalign.schemas import NEGATIVES_SCHEMA
 from negalign.store import StageInput, StageOutput, open_stage, shard_name
 
 NO_TASK = "(none)"  # as in eval's summary
-
-NEGATIVES_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text_sha", pa.string()),
-    ("sim_to_target", pa.float32()), ("rank", pa.int32()), ("kept", pa.bool_()), ("drop_reason", pa.string()),
-])
-
 
 def _stage_config(cfg: FilterConfig) -> dict[str, Any]:
     """The fingerprinted config. The newer options enter it only when they change the output relative to the

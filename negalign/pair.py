@@ -33,6 +33,7 @@ import pyarrow as pa
 from negalign.config import PairConfig, stage_path
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
+from negalign.schemas import PAIR_SCHEMA, TRL_SCHEMA
 from negalign.selection import draw_negatives, take_first_k
 from negalign.store import (
     StageInput,
@@ -43,14 +44,6 @@ from negalign.store import (
     write_parquet,
 )
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-PAIR_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("chosen", pa.string()),
-    ("rejected", pa.list_(pa.string())), ("rejected_sim", pa.list_(pa.float32())),
-    ("rejected_idx", pa.list_(pa.int32())), ("num_kept", pa.int32()), ("anchors", pa.list_(pa.string())),
-    ("negatives", pa.list_(pa.string())), ("y_ref", pa.string()),
-])
-TRL_SCHEMA = pa.schema([("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE))])
 SKIP_REASONS = ("no_target", "no_negatives")
 K_LADDER = (1, 2, 4, 8, 16)  # the paper's ablation: how many groups each train --num-negatives K can use
 # Filter drops that also disqualify a D2O self-sample (others, e.g. "near_target", mean nothing without a target).

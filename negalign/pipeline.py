@@ -735,7 +735,14 @@ def run_rank(cfg: RankConfig) -> None:
         inputs["embeddings"] = emb.fingerprint
         table = emb.read(["text_sha", "embedding"])
         vectors = dict(zip(table.column("text_sha").to_pylist(), embeddings_array(table), strict=True))
-    score = _reward_scorer(cfg.reward_model) if cfg.reward_model else None
+    score = None
+    if cfg.reward_model:  # the scorer `eval` uses: same template, same labels, same padding
+        from negalign.reward import RewardModel
+
+        model = RewardModel(cfg.reward_model)
+
+        def score(messages: list[dict[str, str]], responses: list[str]) -> list[float]:
+            return model.score([messages] * len(responses), responses)
     out = store.StageOutput.open(out_dir, "pair", {"by": cfg.reward_model or "similarity"}, inputs,
                                  overwrite=cfg.overwrite)
     moved = total = 0
@@ -769,20 +776,3 @@ def run_rank(cfg: RankConfig) -> None:
     out.finish(len(pairs.shard_files()), summary={"groups": total, "y_ref_rejected": moved})
     console.print(f"rank ({cfg.reward_model or 'similarity to the target'}): {total} groups, y_ref became the "
                   f"rejected answer in {moved} -> {out_dir}")
-
-
-def _reward_scorer(path: str):
-    """score(messages, responses) -> list of rewards from an HF sequence-classification model."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
-
-    def score(messages: list[dict[str, str]], responses: list[str]) -> list[float]:
-        prompt = "\n".join(m["content"] for m in messages)
-        with torch.no_grad():
-            batch = tok([prompt] * len(responses), responses, return_tensors="pt", padding=True, truncation=True)
-            return model(**batch).logits[:, 0].float().tolist()
-
-    return score

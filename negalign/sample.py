@@ -44,13 +44,9 @@ from negalign.models import (
     render_prompt,
     resolve_model,
 )
+from negalign.schemas import SAMPLE_SCHEMA
 from negalign.store import StageOutput, fingerprint, my_shards, open_stage
 from negalign.threads import set_threads
-
-SAMPLE_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text", pa.string()), ("num_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("seed", pa.int64()), ("engine", pa.string()), ("model", pa.string()),
-])
 
 
 def row_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
