@@ -30,7 +30,6 @@ Metrics (per prompt first, averaged over its samples; then the mean over prompts
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -65,19 +64,14 @@ NO_TASK = "(none)"
 # ----------------------------------------------------------------------------------------------- the model
 
 def read_model_manifest(folder: Path) -> dict[str, Any]:
-    """The training config recorded by `train` in MODEL/_manifest.json (or manifest.json); {} when absent/bad."""
-    for fname in ("_manifest.json", "manifest.json"):
-        f = folder / fname
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                return {}
-            if not isinstance(data, dict):
-                return {}
-            config = data.get("config")
-            return dict(config) if isinstance(config, dict) else {}
-    return {}
+    """The training config that `train` recorded in MODEL/_manifest.json (store.read_manifest, the one reader);
+    {} when the folder has no manifest or a broken one (the model is then evaluated as a base model)."""
+    try:
+        manifest = read_manifest(folder)
+    except UsageError:
+        return {}
+    config = (manifest or {}).get("config")
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def locate_model(cfg: EvalConfig) -> tuple[str, str, dict[str, Any]]:
@@ -220,26 +214,20 @@ def _score_shard(gen: pa.Table, old: pa.Table | None, todo: set[str], prompts: d
 # ----------------------------------------------------------------------------------------------- pref-acc
 
 def _response_logps(model: Any, tokenizer: Any, messages: list[dict[str, str]], responses: list[str]) -> list[float]:
-    """Summed log-probs of each response given the prompt (prompt masked, EOS of the response included)."""
+    """Summed log-probs of each response given the prompt (prompt masked, EOS of the response included): the padded
+    layout of packing.sequence_logps, the function training and the reference cache use."""
     import torch
+
+    from negalign.packing import pad, sequence_logps, to_device
 
     prompt = render_prompt_ids(tokenizer, messages)
     eos = tokenizer.eos_token_id
     seqs = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             for r in responses]
-    width = len(prompt) + max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([prompt + s + [pad] * (width - len(prompt) - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * (len(prompt) + len(s)) + [0] * (width - len(prompt) - len(s)) for s in seqs])
-    device = next(model.parameters()).device
+    batch = pad([(prompt, seqs)], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(device)).squeeze(-1)
-    out = []
-    for i, s in enumerate(seqs):
-        lo = len(prompt) - 1  # logits at position t predict token t + 1
-        out.append(float(logp[i, lo:lo + len(s)].sum()))
-    return out
+        logps, _ = sequence_logps(model, to_device(batch, model))
+    return [float(x) for x in logps.tolist()]
 
 
 def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], out_dir: Path,
@@ -469,12 +457,8 @@ def _has_task(stage) -> bool:
 
 
 def fmt_ci(m: dict[str, Any] | None, pct: bool = False, digits: int = 3) -> str:
-    """"0.420 [0.300, 0.550]" (or percentages); "–" when the metric was not computed."""
-    if not m or m.get("mean") is None:
-        return "–"
-    if pct:
-        return f"{100 * m['mean']:.1f}% [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]"
-    return f"{m['mean']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
+    """"0.420 [0.300, 0.550]", or "42.0% [30.0, 55.0]" with pct; "–" when the metric was not computed."""
+    return stats.fmt_interval(m, scale=100.0, digits=1, unit="%") if pct else stats.fmt_interval(m, digits=digits)
 
 
 def _print_summary(summary: dict[str, Any], rescored: dict[str, int], out_dir: Path) -> None:

@@ -378,12 +378,12 @@ class Pipeline:
         o, run = step.options, Path(step.options["run"])
 
         def at(key: str, default: str) -> Path:
-            return _norm(o.get(key) or run / default)
+            return absolute_path(o.get(key) or run / default)
 
         if step.stage == "prepare":
-            outs = [_norm(run / "prompts")]
+            outs = [absolute_path(run / "prompts")]
             test = o.get("test_fraction") or 0
-            return outs + ([_norm(run / "prompts_test")] if float(test) > 0 else [])
+            return outs + ([absolute_path(run / "prompts_test")] if float(test) > 0 else [])
         if step.stage == "sample":
             return [at("out", "greedy" if o.get("greedy") else "samples")]
         if step.stage == "train":
@@ -399,7 +399,7 @@ class Pipeline:
 
         def at(key: str, default: str) -> Path:
             value = getattr(cfg, key, None)
-            return _norm(value or run / default)
+            return absolute_path(value or run / default)
 
         need: dict[str, list[tuple[str, str]]] = {
             "sample": [("prompts", "prompts")], "embed": [("samples", "samples"), ("prompts", "prompts")],
@@ -412,21 +412,21 @@ class Pipeline:
         }
         inputs = [at(k, d) for k, d in need.get(step.stage, [])]
         if step.stage == "filter" and getattr(cfg, "prompts", None):  # else the embeddings' own prompts
-            inputs.append(_norm(cfg.prompts))
+            inputs.append(absolute_path(cfg.prompts))
         optional = [at("greedy_dir", "greedy")] if step.stage in ("embed", "pair") else []
         if step.stage == "train" and cfg.objective != "sft":
             optional.append(at("samples", "samples"))  # the chat template recorded by sample
         if step.stage == "prepare" and cfg.input:
-            inputs.append(_norm(cfg.input))
+            inputs.append(absolute_path(cfg.input))
         for key in ("model", "ref_model", "reward_model", "pairs"):
             value = getattr(cfg, key, None)
             if step.stage in ("train", "rank") and key == "pairs":
                 continue
             if step.stage == "eval" and key == "pairs" and value:
-                inputs.append(_norm(value))
+                inputs.append(absolute_path(value))
                 continue
             if isinstance(value, str) and value:
-                for candidate in (_norm(value), _norm(run / "models" / value)):
+                for candidate in (absolute_path(value), absolute_path(run / "models" / value)):
                     if self._made(candidate):
                         inputs.append(candidate)
                         break
@@ -434,7 +434,7 @@ class Pipeline:
 
     def _made(self, path: Path) -> bool:
         """Whether some step writes `path`, or it exists already."""
-        path = _norm(path)
+        path = absolute_path(path)
         return path.exists() or any(path in s.outputs for s in self.steps)
 
     def _order(self) -> list[Step]:
@@ -463,7 +463,9 @@ def _cycle(remaining: list[Step], by_name: dict[str, Step]) -> str:
         path.append(nxt)
 
 
-def _norm(path: str | Path) -> Path:
+def absolute_path(path: str | Path) -> Path:
+    """Absolute and collapsed: the key steps are matched on (store's lexical `_norm` keeps paths relative for
+    messages; here `runs/x` and `/cwd/runs/x` must be one folder)."""
     return Path(os.path.normpath(os.path.abspath(path)))
 
 
@@ -698,8 +700,8 @@ def _report(pipe: Pipeline) -> None:
 
 def run_slice(cfg: SliceConfig) -> None:
     """prompts[start:stop] in a seeded order: SELM's fresh prompts per round, or a part of a prompt set."""
-    src = store.open_stage(_norm(cfg.prompts or Path(cfg.run) / "prompts"), "prompts")
-    out_dir = _norm(cfg.out or Path(cfg.run) / "prompts")
+    src = store.open_stage(absolute_path(cfg.prompts or Path(cfg.run) / "prompts"), "prompts")
+    out_dir = absolute_path(cfg.out or Path(cfg.run) / "prompts")
     table = src.read()
     ids = table.column("prompt_id").to_pylist()
     order = sorted(range(len(ids)), key=lambda i: store.fingerprint([cfg.seed, ids[i]]))
@@ -726,12 +728,12 @@ def run_rank(cfg: RankConfig) -> None:
     """
     from negalign.embed import embeddings_array, text_sha
 
-    pairs = store.open_stage(_norm(cfg.pairs or Path(cfg.run) / "pairs"), "pair")
-    out_dir = _norm(cfg.out or Path(cfg.run) / "pairs_ranked")
+    pairs = store.open_stage(absolute_path(cfg.pairs or Path(cfg.run) / "pairs"), "pair")
+    out_dir = absolute_path(cfg.out or Path(cfg.run) / "pairs_ranked")
     inputs = {"pairs": pairs.fingerprint}
     vectors: dict[str, np.ndarray] = {}
     if cfg.reward_model is None:
-        emb = store.open_stage(_norm(cfg.embeddings or Path(cfg.run) / "embeddings"), "embed")
+        emb = store.open_stage(absolute_path(cfg.embeddings or Path(cfg.run) / "embeddings"), "embed")
         inputs["embeddings"] = emb.fingerprint
         table = emb.read(["text_sha", "embedding"])
         vectors = dict(zip(table.column("text_sha").to_pylist(), embeddings_array(table), strict=True))

@@ -183,16 +183,14 @@ def _decoding(m: Model) -> str:
 
 # ----------------------------------------------------------------------------------------------- formatting
 
+def _style(key: str) -> dict[str, Any]:
+    """How a metric is shown: rates in percent with 1 decimal, tokens with 1, the rest with 3."""
+    return {"scale": 100.0 if key in PCT else 1.0, "digits": 1 if key in PCT or key == "tokens" else 3}
+
+
 def fmt(v: dict[str, Any] | None, key: str) -> str:
-    if not v or v.get("mean") is None:
-        return "–"
-    scale, unit = (100.0, "%") if key in PCT else (1.0, "")
-    digits = 1 if key in PCT or key == "tokens" else 3
-    mean = f"{scale * v['mean']:.{digits}f}{unit}"
-    if v.get("se") is not None:
-        seeds = ", ".join(f"{scale * s:.{digits}f}" for s in v["seeds"])
-        return f"{mean} ± {scale * v['se']:.{digits}f} (seeds: {seeds})"
-    return f"{mean} [{scale * v['lo']:.{digits}f}, {scale * v['hi']:.{digits}f}]"
+    """report.md cell: "33.3% [8.3, 58.3]", or "16.7% ± 2.1 (seeds: 14.6, 18.8)" over seeds."""
+    return stats.fmt_interval(v, **_style(key), unit="%" if key in PCT else "")
 
 
 def _columns(groups: list[Group]) -> list[str]:
@@ -506,14 +504,8 @@ def _markdown(groups: list[Group], plots: dict[str, Path | None], comparison: di
 
 
 def _short(v: dict[str, Any] | None, key: str) -> str:
-    """Terminal cell: "33.3 [8.3, 58.3]" (percent points for rates) or "16.7 ±2.1" over seeds."""
-    if not v or v.get("mean") is None:
-        return "–"
-    scale = 100.0 if key in PCT else 1.0
-    digits = 1 if key in PCT or key == "tokens" else 3
-    if v.get("se") is not None:
-        return f"{scale * v['mean']:.{digits}f} ±{scale * v['se']:.{digits}f} (n={len(v['seeds'])})"
-    return f"{scale * v['mean']:.{digits}f} [{scale * v['lo']:.{digits}f}, {scale * v['hi']:.{digits}f}]"
+    """Terminal cell: "33.3 [8.3, 58.3]" (percent points for rates) or "16.7 ±2.1 (n=2)" over seeds."""
+    return stats.fmt_interval(v, **_style(key), seeds="count")
 
 
 def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
@@ -544,5 +536,5 @@ def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
 def _diff(d: dict[str, Any], key: str) -> str:
     """A signed difference with its interval: points for the checker, 3 decimals otherwise."""
     if key == "correct":
-        return f"{100 * d['mean']:+.1f} pts [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        return stats.fmt_interval(d, scale=100.0, digits=1, unit=" pts", sign="+")
+    return stats.fmt_interval(d, sign="+")

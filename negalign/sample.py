@@ -54,11 +54,6 @@ def row_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample_idx}".encode()).digest()[:4], "big") >> 1
 
 
-def _opt(cfg: SampleConfig, name: str, default: Any = None) -> Any:
-    """A config field that older configs (or callers building SampleConfig by hand) may lack."""
-    return getattr(cfg, name, default)
-
-
 @dataclass
 class Request:
     shard: int
@@ -86,12 +81,12 @@ class HFEngine:
         import torch
 
         self.torch, self.cfg, self.tokenizer = torch, cfg, tokenizer
-        if not (_opt(cfg, "verbose", False) or cfg.debug):
+        if not (cfg.verbose or cfg.debug):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # the weight-loading bar; negalign's own bar follows
         self.device = best_device()
-        dtype = _opt(cfg, "dtype", "auto")
+        dtype = cfg.dtype
         dtype = (torch.bfloat16 if self.device == "cuda" else torch.float32) if dtype in (None, "auto") \
             else getattr(torch, dtype)
         self.model = load_causal_lm(cfg.model, device=self.device, trust_remote_code=cfg.trust_remote_code,
@@ -204,7 +199,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, cfg: SampleConfig, tokenizer: Any) -> None:
-        verbose = bool(_opt(cfg, "verbose", False) or cfg.debug)
+        verbose = bool(cfg.verbose or cfg.debug)
         quiet_vllm(verbose)
         import torch
         from vllm import LLM, SamplingParams
@@ -213,8 +208,8 @@ class VLLMEngine:
 
         self.cfg, self.SamplingParams, self.TokensPrompt = cfg, SamplingParams, TokensPrompt
         self.final_only = RequestOutputKind.FINAL_ONLY
-        kwargs: dict[str, Any] = {"tensor_parallel_size": _opt(cfg, "tensor_parallel_size", 1) or 1,
-                                  "dtype": _opt(cfg, "dtype", "auto") or "auto", "use_tqdm_on_load": verbose}
+        kwargs: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size,
+                                  "dtype": cfg.dtype, "use_tqdm_on_load": verbose}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
@@ -305,7 +300,7 @@ class VLLMEngine:
 
 
 def max_model_len(cfg: SampleConfig) -> int:
-    return _opt(cfg, "max_model_len") or cfg.max_prompt_tokens + cfg.max_tokens
+    return cfg.max_model_len or cfg.max_prompt_tokens + cfg.max_tokens
 
 
 def prompt_limit(cfg: SampleConfig) -> int:
@@ -321,7 +316,7 @@ def resolve_engine(cfg: SampleConfig) -> tuple[str, str]:
         raise UsageError(f"--engine must be auto, vllm or hf, got '{cfg.engine}'")
     if cfg.engine == "hf":
         return "hf", ""
-    quiet_vllm(bool(_opt(cfg, "verbose", False) or cfg.debug))
+    quiet_vllm(bool(cfg.verbose or cfg.debug))
     why = vllm_unavailable()
     if why is None:
         return "vllm", ""
@@ -356,7 +351,7 @@ def _stage_config(cfg: SampleConfig, engine: str, model_fp: str, template_hash: 
     out = {k: getattr(cfg, k) for k in keys}
     if cfg.greedy:
         out.update(temperature=0.0, top_p=1.0)
-    return {**out, "max_prompt_tokens": prompt_limit(cfg), "engine": engine, "dtype": _opt(cfg, "dtype", "auto"),
+    return {**out, "max_prompt_tokens": prompt_limit(cfg), "engine": engine, "dtype": cfg.dtype,
             "model": model_label(cfg.model), "model_fingerprint": model_fp, "chat_template_hash": template_hash}
 
 
@@ -366,7 +361,7 @@ def _run_data_parallel(cfg: SampleConfig, size: int) -> None:
     offline `LLM` refuses data_parallel_size > 1 in one process). Workers share the output folder as usual."""
     import multiprocessing as mp
 
-    tp = _opt(cfg, "tensor_parallel_size", 1) or 1
+    tp = cfg.tensor_parallel_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
     if gpus and len(gpus) < size * tp:
@@ -409,7 +404,7 @@ def run(cfg: SampleConfig) -> Path:
     if prompt_limit(cfg) < 1:
         raise UsageError(f"--max-model-len {max_model_len(cfg)} leaves no room for prompts with --max-tokens "
                          f"{cfg.max_tokens}")
-    dp = _opt(cfg, "data_parallel_size", 1) or 1
+    dp = cfg.data_parallel_size
     if dp > 1:
         _run_data_parallel(cfg, dp)
         return out_dir
@@ -418,7 +413,7 @@ def run(cfg: SampleConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{cfg.model}: the tokenizer has no chat template; sample needs one to render prompts")
-    threads = set_threads(_opt(cfg, "threads")) if engine_name == "hf" else None
+    threads = set_threads(cfg.threads) if engine_name == "hf" else None
 
     rows = prompts.read(["prompt_id", "messages"]).to_pylist()
     rendered = [render_prompt(tokenizer, r["messages"]) for r in rows]

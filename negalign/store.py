@@ -863,6 +863,3 @@ def my_shards(num_shards: int, shard_index: int = 0, num_workers: int = 1) -> li
         raise UsageError(f"--shard-index must be in [0, {num_workers}), got {shard_index}")
     return [s for s in range(num_shards) if s % num_workers == shard_index]
 
-
-def stage_dir(run: Path, name: str) -> Path:
-    return Path(run) / name
