@@ -46,6 +46,7 @@ from negalign.errors import NegalignError, UsageError
 from negalign.models import best_device, model_fingerprint, model_label, render_prompt_ids, resolve_model
 from negalign.reward import RewardModel
 from negalign.schemas import PREF_SCHEMA, SCORES_SCHEMA
+from negalign.stages import output_dir, stage_input
 from negalign.store import (
     StageOutput,
     atomic_write_json,
@@ -237,7 +238,7 @@ def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], ou
         return None
     from negalign.models import load_causal_lm, load_tokenizer
 
-    pairs = open_stage(Path(cfg.pairs), "pair")
+    pairs = open_stage(*stage_input(cfg, "pairs"))
     ref = reference_model(cfg, train_config)
     if train_config.get("objective") == "base" and not cfg.ref_model:
         console.print("eval: pref-acc of a base model against itself is 0.5 by construction; pass --ref-model")
@@ -351,18 +352,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from negalign import sample
 
     _check_kinds(cfg)
-    if cfg.num_samples < 1 or cfg.max_tokens < 1 or cfg.bootstrap < 100:
-        raise UsageError("--num-samples and --max-tokens must be at least 1, --bootstrap at least 100")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        raise UsageError("--temperature must be > 0 (leave it out for greedy decoding)")
     model_path, name, train_config = locate_model(cfg)
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"--name must be a plain folder name, got {name!r}")
-    prompts_dir = Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts_test")
+    prompts_dir, kind = stage_input(cfg, "prompts")
     if read_manifest(prompts_dir) is None:
         raise UsageError(f"{prompts_dir}: no held-out prompts; run `prepare --test-fraction F` or pass --prompts DIR")
-    prompts_in = open_stage(prompts_dir, "prompts")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "eval", name)
+    prompts_in = open_stage(prompts_dir, kind)
+    out_dir = output_dir(dataclasses.replace(cfg, name=name))
     scores_dir, gen_dir = out_dir / "scores", out_dir / "generations"
     model_fp = model_fingerprint(model_path)
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from negalign.config import PairConfig, stage_path
+from negalign.config import PairConfig
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
 from negalign.schemas import PAIR_SCHEMA, TRL_SCHEMA
 from negalign.selection import draw_negatives, take_first_k
+from negalign.stages import output_dir, stage_input
 from negalign.store import (
     StageInput,
     StageOutput,
@@ -120,13 +121,11 @@ def trl_rows(pairs: pa.Table) -> pa.Table:
 
 
 def run(cfg: PairConfig) -> None:
-    if cfg.max_negatives < 1:
-        raise UsageError("--max-negatives must be at least 1")
-    negatives = open_stage(stage_path(cfg, cfg.negatives, "negatives"), "filter")
-    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
-    prompts_in = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
-    greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
-    out_dir = stage_path(cfg, cfg.out, "pairs")
+    negatives = open_stage(*stage_input(cfg, "negatives"))
+    samples = open_stage(*stage_input(cfg, "samples"))
+    prompts_in = open_stage(*stage_input(cfg, "prompts"))
+    greedy_in = open_optional_stage(*stage_input(cfg, "greedy_dir"))
+    out_dir = output_dir(cfg)
 
     inputs: dict[str, str | StageInput] = {"negatives": negatives, "samples": samples, "prompts": prompts_in}
     if greedy_in is not None:

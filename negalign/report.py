@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from negalign import stats, store
-from negalign.config import ReportConfig, run_path
+from negalign.config import ReportConfig
 from negalign.console import console
 from negalign.errors import UsageError
+from negalign.stages import output_dir
 from negalign.store import atomic_write_text, open_stage, read_manifest
 
 # (summary key, label, shown as a percentage)
@@ -424,7 +425,7 @@ def run(cfg: ReportConfig) -> Path:
     for name in against:
         if name not in by_name:
             raise UsageError(f"--against: no eval named {name!r} (have: {', '.join(sorted(by_name))})")
-    out = Path(cfg.out) if cfg.out else run_path(cfg, "report")
+    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_models(models)
     tokens = {}

@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from negalign.config import SampleConfig, run_path, stage_path
+from negalign.config import SampleConfig
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
 from negalign.models import (
@@ -45,6 +45,7 @@ from negalign.models import (
     resolve_model,
 )
 from negalign.schemas import SAMPLE_SCHEMA
+from negalign.stages import output_dir, stage_input
 from negalign.store import StageOutput, fingerprint, my_shards, open_stage
 from negalign.threads import set_threads
 
@@ -312,8 +313,6 @@ def resolve_engine(cfg: SampleConfig) -> tuple[str, str]:
     """The engine a run uses and why, known before anything starts: `auto` is vLLM unless vLLM cannot be imported
     or does not support this machine. (Any other vLLM failure, out-of-memory included, is an error, not a
     fallback to a 20× slower engine.)"""
-    if cfg.engine not in ("auto", "vllm", "hf"):
-        raise UsageError(f"--engine must be auto, vllm or hf, got '{cfg.engine}'")
     if cfg.engine == "hf":
         return "hf", ""
     quiet_vllm(bool(cfg.verbose or cfg.debug))
@@ -398,9 +397,7 @@ def run(cfg: SampleConfig) -> Path:
     """Sample into `cfg.out` (default RUN/samples, or RUN/greedy with greedy) from `cfg.prompts` (default
     RUN/prompts); return the output folder. `eval` calls it on held-out prompts."""
     num_samples = 1 if cfg.greedy else cfg.num_samples
-    if num_samples < 1 or cfg.max_tokens < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise UsageError("--num-samples, --max-tokens, --shard-size and --batch-size must be at least 1")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "greedy" if cfg.greedy else "samples")
+    out_dir = output_dir(cfg)
     if prompt_limit(cfg) < 1:
         raise UsageError(f"--max-model-len {max_model_len(cfg)} leaves no room for prompts with --max-tokens "
                          f"{cfg.max_tokens}")
@@ -408,7 +405,7 @@ def run(cfg: SampleConfig) -> Path:
     if dp > 1:
         _run_data_parallel(cfg, dp)
         return out_dir
-    prompts = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    prompts = open_stage(*stage_input(cfg, "prompts"))
     engine_name, why = resolve_engine(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):

@@ -40,6 +40,7 @@ from negalign.errors import BadInput, NegalignError, UsageError
 from negalign.faults import crash_point
 from negalign.schemas import PROMPTS_SCHEMA as PROMPTS_SCHEMA  # re-exported: callers import it from here
 from negalign.schemas import REQUIRED
+from negalign.stages import command_of  # the command that writes a kind of output, from the stage declarations
 from negalign.versions import library_versions
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
@@ -162,11 +163,6 @@ def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
 # ----------------------------------------------------------------------------------------------- manifests
 
 _REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict, "shards": dict}
-
-
-def command_of(stage: str) -> str:
-    """The CLI command that writes a stage's output."""
-    return {"prompts": "prepare"}.get(stage, stage)
 
 
 def manifest_file(path: Path) -> Path | None:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from negalign import evaluate, store
-from negalign.config import EvalConfig
-from negalign.pipeline import RankConfig, run_rank
+from negalign import evaluate, rank, store
+from negalign.config import EvalConfig, RankConfig
 from negalign.schemas import PAIR_SCHEMA
 
 CHAT = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}")
@@ -47,7 +46,7 @@ def test_eval_and_rank_score_one_answer_the_same(tmp_path):
     out.write_shard(0, pa.Table.from_pylist([group], schema=PAIR_SCHEMA))
     assert out.finish(1)
 
-    run_rank(RankConfig(run=str(run), reward_model=rm))
+    rank.run(RankConfig(run=str(run), reward_model=rm))
     ranked = store.open_stage(run / "pairs_ranked", "pair").read().to_pylist()[0]
     candidates = [group["chosen"], group["y_ref"], group["rejected"][0]]
     assert ranked["chosen"] in candidates and ranked["rejected"][0] in candidates
