@@ -1,5 +1,8 @@
 """Stage configs: one dataclass per stage, the single source of truth for every option.
 
+The options naming a stage's input and output folders are added by `@declare(STAGE)` from the stage's declaration in
+`negalign.stages.STAGE_IO` (folder, kind and help written there once).
+
 Each field is declared with `opt(default, help, ...)`: its type, default, help text and allowed range live here, and
 `cli.py` builds the command-line flags from them, so no default is written twice. Values come from the defaults, then
 a YAML file, then command-line flags. A YAML file may be flat (`temperature: 0.7`) or have one section per stage
@@ -493,5 +496,6 @@ def run_path(cfg: Common, *parts: str) -> Path:
 
 
 def stage_path(cfg: Common, override: str | None, name: str) -> Path:
-    """A stage folder: the flag's path if given, else RUN/name."""
+    """A stage folder: the flag's path if given, else RUN/name. (train only; the other stages take their defaults
+    from the declarations: `stages.stage_input` / `stages.output_dir`.)"""
     return Path(override) if override else run_path(cfg, name)

@@ -858,4 +858,3 @@ def my_shards(num_shards: int, shard_index: int = 0, num_workers: int = 1) -> li
     if not 0 <= shard_index < num_workers:
         raise UsageError(f"--shard-index must be in [0, {num_workers}), got {shard_index}")
     return [s for s in range(num_shards) if s % num_workers == shard_index]
-
