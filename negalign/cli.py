@@ -19,7 +19,7 @@ import typer
 
 from negalign import __version__
 from negalign.config import STAGES, Stage, load_yaml, resolve
-from negalign.errors import NegalignError, UsageError
+from negalign.errors import NegalignError
 
 app = typer.Typer(
     name="negalign",
@@ -45,8 +45,6 @@ def _import_stage(stage: Stage):
     try:
         return importlib.import_module(f"negalign.{stage.module}")
     except ModuleNotFoundError as e:
-        if e.name == f"negalign.{stage.module}":
-            raise UsageError(f"'{stage.name}' is not implemented yet: see the README") from e
         raise NegalignError(f"'{stage.name}' needs the package '{e.name}', which is not installed "
                             "(`make install` installs every dependency)") from e
 
@@ -141,13 +139,9 @@ def run_pipeline(
 ) -> None:
     """Run a whole experiment from one YAML file, skipping finished steps; ends with the report table."""
     def work() -> Any:
-        try:
-            mod = importlib.import_module("negalign.pipeline")
-        except ModuleNotFoundError as e:
-            if e.name != "negalign.pipeline":
-                raise
-            raise UsageError("'run' is not implemented yet: see the README") from e
-        return mod.run_file(pipeline, dry_run=dry_run, from_step=from_step, only=only, overrides=set_)
+        from negalign.pipeline import run_file
+
+        return run_file(pipeline, dry_run=dry_run, from_step=from_step, only=only, overrides=set_)
 
     guarded(debug, work)
 

@@ -1,5 +1,8 @@
 """Stage configs: one dataclass per stage, the single source of truth for every option.
 
+The options naming a stage's input and output folders are added by `@declare(STAGE)` from the stage's declaration in
+`negalign.stages.STAGE_IO` (folder, kind and help written there once).
+
 Each field is declared with `opt(default, help, ...)`: its type, default, help text and allowed range live here, and
 `cli.py` builds the command-line flags from them, so no default is written twice. Values come from the defaults, then
 a YAML file, then command-line flags. A YAML file may be flat (`temperature: 0.7`) or have one section per stage
@@ -20,17 +23,35 @@ from typing import Any
 import yaml
 
 from negalign.errors import UsageError
+from negalign.stages import STAGE_IO, default_text
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False, short: str | None = None, cli: bool = True,
-        flag: str | None = None) -> Any:
+        max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False, short: str | None = None,
+        cli: bool = True, flag: str | None = None) -> Any:
     """A config field: default, help, and the checks `validate` applies (choices, [min, max])."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "short": short, "cli": cli, "flag": flag}
+            "max_exclusive": max_exclusive, "short": short, "cli": cli, "flag": flag}
     if isinstance(default, list | dict):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def declare(stage: str):
+    """Class decorator (under @dataclass): the stage's input and output options from its declaration in
+    `stages.STAGE_IO` (a `str | None` option per folder that has a help there), and `stage_name` for
+    `stages.stage_input` / `stages.output_dir`. Options declared in the class itself are left alone."""
+    def wrap(cls: type) -> type:
+        io = STAGE_IO[stage]
+        for spec in (*io.inputs, io.output):
+            name = spec.option
+            if name is None or spec.help is None or name in cls.__dict__.get("__annotations__", {}):
+                continue
+            cls.__annotations__[name] = "str | None"
+            setattr(cls, name, opt(None, f"{spec.help} [default: {default_text(spec)}]"))
+        cls.stage_name = stage
+        return cls
+    return wrap
 
 
 # ----------------------------------------------------------------------------------------------- stage configs
@@ -49,6 +70,7 @@ class Common:
 
 
 @dataclass
+@declare("prepare")
 class PrepareConfig(Common):
     input: str | None = opt(None, "Parquet file, JSONL file, or a folder saved by `datasets` (save_to_disk) or "
                                   "holding Parquet/JSONL files.", short="-i")
@@ -65,7 +87,7 @@ class PrepareConfig(Common):
                                        "when present).")
     system_prompt: str | None = opt(None, "System message prepended to every prompt.")
     test_fraction: float = opt(0.0, "Fraction of prompts held out (deterministic, by prompt_id) into "
-                                    "prompts_test/.", min=0.0, max=1.0)
+                                    "prompts_test/.", min=0.0, max=1.0, max_exclusive=True)
     on_bad_row: str = opt("fail", "fail: stop at the first malformed row; skip: skip it and count the reason.",
                           choices=("fail", "skip"))
     shard_size: int = opt(10000, "Prompts per output shard.", min=1)
@@ -74,6 +96,7 @@ class PrepareConfig(Common):
 
 
 @dataclass
+@declare("sample")
 class SampleConfig(Common):
     model: str = opt("smollm2-135m", "Policy to sample from: smollm2-135m, a local HF folder or a hub id.")
     num_samples: int = opt(8, "Candidates per prompt (paper: 32). A larger n on a finished run tops up.",
@@ -88,8 +111,6 @@ class SampleConfig(Common):
     shard_size: int = opt(64, "Prompts per output shard.", min=1)
     batch_size: int = opt(16, "Rows (prompt × sample) per HF batch (the HF engine only; vLLM schedules its own).",
                           min=1)
-    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
-    out: str | None = opt(None, "Output folder. [default: RUN/samples, or RUN/greedy with --greedy]")
     gpu_memory_utilization: float = opt(0.9, "vLLM on a GPU: share of GPU memory for weights and KV cache.",
                                         min=0.0, max=1.0, min_exclusive=True)
     cpu_kv_cache_gb: float = opt(2.0, "vLLM on the CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE wins when "
@@ -113,15 +134,11 @@ class SampleConfig(Common):
 
 
 @dataclass
+@declare("embed")
 class EmbedConfig(Common):
     embedder: str = opt("minilm", "sentence-transformers model: minilm, or a local folder.")
     batch_size: int = opt(128, "Texts per encode batch.", min=1)
     device: str = opt("auto", "auto, cpu or cuda.", choices=("auto", "cpu", "cuda"))
-    samples: str | None = opt(None, "Samples folder (output shard i covers samples shard i). "
-                                    "[default: RUN/samples]")
-    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
-    greedy_dir: str | None = opt(None, "Greedy samples folder, embedded when present. [default: RUN/greedy]")
-    out: str | None = opt(None, "Output folder. [default: RUN/embeddings]")
     trust_remote_code: bool = opt(False, "Allow model folders to run their own Python code.")
     shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
                            min=0)
@@ -129,6 +146,7 @@ class EmbedConfig(Common):
 
 
 @dataclass
+@declare("filter")
 class FilterConfig(Common):
     strategy: str = opt("self-contrast", "self-contrast (drop the most similar ~25%), random (dedup only), "
                                          "threshold (keep sim < --max-sim).",
@@ -149,25 +167,15 @@ class FilterConfig(Common):
                               choices=("exact", "number", "contains", "json", "choice", "none"))
     checkers: dict[str, str] = opt({}, "Checker kind per task family (YAML only; the prompts' task column), e.g. "
                                        "{arithmetic: number}; --checker for the other families.", cli=False)
-    embeddings: str | None = opt(None, "Embeddings folder. [default: RUN/embeddings]")
-    samples: str | None = opt(None, "Samples folder. [default: RUN/samples]")
-    prompts: str | None = opt(None, "Prompts folder, for the targets' text and the task families. [default: the "
-                                    "prompts the embeddings were made from, else RUN/prompts]")
-    out: str | None = opt(None, "Output folder. [default: RUN/negatives]")
 
 
 @dataclass
+@declare("pair")
 class PairConfig(Common):
     max_negatives: int = opt(16, "Kept negatives stored per prompt, in seeded random order (train --num-negatives "
                                  "K takes the first K).", min=1)
     export_trl: str | None = opt(None, "Also write TRL's conversational preference format (prompt/chosen/rejected, "
                                        "one row per pair) to this Parquet file.")
-    negatives: str | None = opt(None, "Filter output folder. [default: RUN/negatives]")
-    samples: str | None = opt(None, "Samples folder. [default: RUN/samples]")
-    prompts: str | None = opt(None, "Prompts folder. [default: RUN/prompts]")
-    greedy_dir: str | None = opt(None, "Greedy samples folder, the source of y_ref when present. "
-                                       "[default: RUN/greedy]")
-    out: str | None = opt(None, "Output folder. [default: RUN/pairs]")
     shard_index: int = opt(0, "This worker's index when several processes split one stage (shard-parallel).",
                            min=0)
     num_shards: int = opt(1, "Number of shard-parallel workers; worker i does every n-th shard.", min=1)
@@ -182,6 +190,7 @@ QUALITY_PROMPT = ("Please generate a response with a usefulness rating of 100 ou
 
 
 @dataclass
+@declare("train")
 class TrainConfig(Common):
     objective: str = opt("sc", "Training objective (see the README's objectives table).", choices=OBJECTIVES)
     model: str = opt("smollm2-135m", "Starting model (policy and reference): smollm2-135m or a local HF folder.")
@@ -242,11 +251,10 @@ class TrainConfig(Common):
 
 
 @dataclass
+@declare("eval")
 class EvalConfig(Common):
     model: str = opt("smollm2-135m", "A name under RUN/models/, a model folder, or smollm2-135m.")
     name: str | None = opt(None, "Eval name: the output goes to RUN/eval/NAME. [default: the model's folder name]")
-    prompts: str | None = opt(None, "Held-out prompts folder. [default: RUN/prompts_test]")
-    out: str | None = opt(None, "Output folder. [default: RUN/eval/NAME]")
     num_samples: int = opt(1, "Answers per prompt; more than 1 samples at --temperature (default 1.0).", min=1,
                            short="-n")
     temperature: float | None = opt(None, "Sampling temperature. [default: greedy with -n 1, else 1.0]", min=0.0,
@@ -280,11 +288,29 @@ class EvalConfig(Common):
 
 
 @dataclass
+@declare("report")
 class ReportConfig(Common):
     against: tuple[str, str] | None = opt(None, "Two eval names to compare prompt by prompt: --against A B "
                                                 "(YAML: against: [A, B]).")
-    out: str | None = opt(None, "Output folder. [default: RUN/report]")
     bootstrap: int = opt(2000, "Bootstrap resamples for the paired intervals.", min=100)
+
+
+@dataclass
+@declare("slice")
+class SliceConfig(Common):
+    """Write prompts[start:stop] (in prompt_id order, shuffled by seed) as a prompts artifact."""
+
+    start: int = opt(0, "First prompt of the slice.", min=0)
+    stop: int | None = opt(None, "End of the slice (exclusive).", min=0)
+    count: int | None = opt(None, "Prompts in the slice: stop = start + count.", min=0)
+
+
+@dataclass
+@declare("rank")
+class RankConfig(Common):
+    """SELM: rank {target, y_ref, first rejected}; chosen = best, rejected = worst (SPEC §1.3)."""
+
+    reward_model: str | None = opt(None, "An HF sequence-classification model. [default: similarity to the target]")
 
 
 # ----------------------------------------------------------------------------------------------- the registry
@@ -317,6 +343,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("eval", EvalConfig, "evaluate", "Generate on held-out prompts and score them into RUN/eval/NAME."),
     Stage("report", ReportConfig, "report",
           "Compare every evaluated model of a run: a table, RUN/report/report.md with plots, paired tests."),
+    Stage("slice", SliceConfig, "slice",
+          "Write prompts[start:stop] of a prompts folder, in a seeded order (SELM's fresh prompts per round)."),
+    Stage("rank", RankConfig, "rank",
+          "SELM: rank {target, y_ref, first negative} by similarity to the target (or a reward model); chosen = "
+          "best, rejected = worst, into RUN/pairs_ranked."),
 ]}
 
 
@@ -448,8 +479,8 @@ def validate(cfg: Any, source: str = "config") -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
                 raise UsageError(f"{where}: must be {'>' if meta.get('min_exclusive') else '>='} {lo}, got {value}")
-            if hi is not None and value > hi:
-                raise UsageError(f"{where}: must be <= {hi}, got {value}")
+            if hi is not None and (value > hi or (meta.get("max_exclusive") and value == hi)):
+                raise UsageError(f"{where}: must be {'<' if meta.get('max_exclusive') else '<='} {hi}, got {value}")
         setattr(cfg, f.name, value)
     if hasattr(cfg, "shard_index") and hasattr(cfg, "num_shards") and not 0 <= cfg.shard_index < cfg.num_shards:
         raise UsageError(f"{source}: --shard-index must be in [0, {cfg.num_shards}), got {cfg.shard_index}")
@@ -465,5 +496,6 @@ def run_path(cfg: Common, *parts: str) -> Path:
 
 
 def stage_path(cfg: Common, override: str | None, name: str) -> Path:
-    """A stage folder: the flag's path if given, else RUN/name."""
+    """A stage folder: the flag's path if given, else RUN/name. (train only; the other stages take their defaults
+    from the declarations: `stages.stage_input` / `stages.output_dir`.)"""
     return Path(override) if override else run_path(cfg, name)

@@ -28,10 +28,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from negalign.config import EmbedConfig, stage_path
+from negalign.config import EmbedConfig
 from negalign.console import console, progress
 from negalign.errors import UsageError
 from negalign.models import best_device, load_embedder, model_fingerprint, model_label, resolve_model
+from negalign.schemas import embed_schema
+from negalign.stages import output_dir, stage_input
 from negalign.store import StageInput, StageOutput, my_shards, open_optional_stage, open_stage
 from negalign.threads import set_threads
 
@@ -46,13 +48,6 @@ def negative_idx(j: int) -> int:
 
 def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def embed_schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("source", pa.string()), ("text_sha", pa.string()),
-        ("is_empty", pa.bool_()), ("embedding", pa.list_(pa.float32(), dim)),
-    ])
 
 
 def embeddings_array(table: pa.Table, column: str = "embedding") -> np.ndarray:
@@ -119,12 +114,10 @@ def _encode(model: Any, texts: list[str], batch_size: int, bar: Any, task: Any, 
 
 
 def run(cfg: EmbedConfig) -> None:
-    if cfg.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
-    prompts_in = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
-    greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
-    out_dir = stage_path(cfg, cfg.out, "embeddings")
+    samples = open_stage(*stage_input(cfg, "samples"))
+    prompts_in = open_stage(*stage_input(cfg, "prompts"))
+    greedy_in = open_optional_stage(*stage_input(cfg, "greedy_dir"))
+    out_dir = output_dir(cfg)
 
     resolved = resolve_model(cfg.embedder)
     inputs: dict[str, str | StageInput] = {"samples": samples, "prompts": prompts_in}

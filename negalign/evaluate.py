@@ -30,7 +30,6 @@ Metrics (per prompt first, averaged over its samples; then the mean over prompts
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -45,6 +44,9 @@ from negalign.config import EvalConfig, SampleConfig, run_path
 from negalign.console import console
 from negalign.errors import NegalignError, UsageError
 from negalign.models import best_device, model_fingerprint, model_label, render_prompt_ids, resolve_model
+from negalign.reward import RewardModel
+from negalign.schemas import PREF_SCHEMA, SCORES_SCHEMA
+from negalign.stages import output_dir, stage_input
 from negalign.store import (
     StageOutput,
     atomic_write_json,
@@ -55,16 +57,6 @@ from negalign.store import (
 
 DEFAULT_MODEL = "smollm2-135m"
 
-SCORES_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("task", pa.string()), ("text", pa.string()),
-    ("target", pa.string()), ("num_tokens", pa.int32()), ("finish_reason", pa.string()),
-    ("checker_kind", pa.string()), ("correct", pa.bool_()), ("embed_sim", pa.float32()),
-    ("reward", pa.float32()), ("reward_target", pa.float32()), ("win", pa.float32()),
-])
-PREF_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("task", pa.string()), ("reward_chosen", pa.float64()),
-    ("reward_rejected", pa.list_(pa.float64())), ("accuracy", pa.float64()),
-])
 METRIC_COLUMNS = {"checker": ("checker_kind", "correct"), "embed_sim": ("embed_sim",),
                   "reward": ("reward", "reward_target", "win")}
 NO_TASK = "(none)"
@@ -73,19 +65,14 @@ NO_TASK = "(none)"
 # ----------------------------------------------------------------------------------------------- the model
 
 def read_model_manifest(folder: Path) -> dict[str, Any]:
-    """The training config recorded by `train` in MODEL/_manifest.json (or manifest.json); {} when absent/bad."""
-    for fname in ("_manifest.json", "manifest.json"):
-        f = folder / fname
-        if f.is_file():
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                return {}
-            if not isinstance(data, dict):
-                return {}
-            config = data.get("config")
-            return dict(config) if isinstance(config, dict) else {}
-    return {}
+    """The training config that `train` recorded in MODEL/_manifest.json (store.read_manifest, the one reader);
+    {} when the folder has no manifest or a broken one (the model is then evaluated as a base model)."""
+    try:
+        manifest = read_manifest(folder)
+    except UsageError:
+        return {}
+    config = (manifest or {}).get("config")
+    return dict(config) if isinstance(config, dict) else {}
 
 
 def locate_model(cfg: EvalConfig) -> tuple[str, str, dict[str, Any]]:
@@ -151,53 +138,6 @@ def _embed_sims(texts: list[str], targets: list[str | None], embedder: Any) -> l
     row = {t: i for i, t in enumerate(unique)}
     return [None if tg is None else float(np.clip(vecs[row[tx]] @ vecs[row[tg]], -1.0, 1.0))
             for tx, tg in zip(texts, targets, strict=True)]
-
-
-class RewardModel:
-    """Any HF sequence-classification model on disk, scoring (prompt, answer) rendered with its chat template."""
-
-    def __init__(self, path: str, *, batch_size: int = 8, trust_remote_code: bool = False) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.torch, self.batch_size = torch, batch_size
-        resolved = resolve_model(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = best_device()
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, use_safetensors=True, trust_remote_code=trust_remote_code).to(self.device).eval()
-        if self.model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.num_labels = int(self.model.config.num_labels)
-        if self.num_labels not in (1, 2):
-            raise UsageError(f"{path}: a reward model has 1 output (or 2: bad/good), this one has {self.num_labels}")
-
-    def render(self, messages: list[dict[str, str]], answer: str) -> str:
-        chat = [*messages, {"role": "assistant", "content": answer}]
-        if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(chat, tokenize=False)
-        return "\n\n".join(f"{m['role']}: {m['content']}" for m in chat)
-
-    def score(self, messages: list[list[dict[str, str]]], answers: list[str]) -> list[float]:
-        """The reward of each (prompt, answer): the single logit, or logit(good) − logit(bad) for two labels."""
-        torch = self.torch
-        texts = [self.render(m, a) for m, a in zip(messages, answers, strict=True)]
-        out: list[float] = [0.0] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        max_len = getattr(self.tokenizer, "model_max_length", 4096)
-        max_len = max_len if isinstance(max_len, int) and max_len < 100_000 else 4096
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
-            enc = self.tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=max_len, add_special_tokens=False).to(self.device)
-            with torch.no_grad():
-                logits = self.model(**enc).logits.float()
-            values = logits[:, 0] if self.num_labels == 1 else logits[:, 1] - logits[:, 0]
-            for i, v in zip(idx, values.tolist(), strict=True):
-                out[i] = float(v)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -275,26 +215,20 @@ def _score_shard(gen: pa.Table, old: pa.Table | None, todo: set[str], prompts: d
 # ----------------------------------------------------------------------------------------------- pref-acc
 
 def _response_logps(model: Any, tokenizer: Any, messages: list[dict[str, str]], responses: list[str]) -> list[float]:
-    """Summed log-probs of each response given the prompt (prompt masked, EOS of the response included)."""
+    """Summed log-probs of each response given the prompt (prompt masked, EOS of the response included): the padded
+    layout of packing.sequence_logps, the function training and the reference cache use."""
     import torch
+
+    from negalign.packing import pad, sequence_logps, to_device
 
     prompt = render_prompt_ids(tokenizer, messages)
     eos = tokenizer.eos_token_id
     seqs = [tokenizer(r, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
             for r in responses]
-    width = len(prompt) + max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([prompt + s + [pad] * (width - len(prompt) - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * (len(prompt) + len(s)) + [0] * (width - len(prompt) - len(s)) for s in seqs])
-    device = next(model.parameters()).device
+    batch = pad([(prompt, seqs)], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1).to(device)).squeeze(-1)
-    out = []
-    for i, s in enumerate(seqs):
-        lo = len(prompt) - 1  # logits at position t predict token t + 1
-        out.append(float(logp[i, lo:lo + len(s)].sum()))
-    return out
+        logps, _ = sequence_logps(model, to_device(batch, model))
+    return [float(x) for x in logps.tolist()]
 
 
 def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], out_dir: Path,
@@ -304,7 +238,7 @@ def _pref_acc(cfg: EvalConfig, model_path: str, train_config: dict[str, Any], ou
         return None
     from negalign.models import load_causal_lm, load_tokenizer
 
-    pairs = open_stage(Path(cfg.pairs), "pair")
+    pairs = open_stage(*stage_input(cfg, "pairs"))
     ref = reference_model(cfg, train_config)
     if train_config.get("objective") == "base" and not cfg.ref_model:
         console.print("eval: pref-acc of a base model against itself is 0.5 by construction; pass --ref-model")
@@ -418,18 +352,14 @@ def run(cfg: EvalConfig) -> dict[str, Any]:
     from negalign import sample
 
     _check_kinds(cfg)
-    if cfg.num_samples < 1 or cfg.max_tokens < 1 or cfg.bootstrap < 100:
-        raise UsageError("--num-samples and --max-tokens must be at least 1, --bootstrap at least 100")
-    if cfg.temperature is not None and cfg.temperature <= 0:
-        raise UsageError("--temperature must be > 0 (leave it out for greedy decoding)")
     model_path, name, train_config = locate_model(cfg)
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"--name must be a plain folder name, got {name!r}")
-    prompts_dir = Path(cfg.prompts) if cfg.prompts else run_path(cfg, "prompts_test")
+    prompts_dir, kind = stage_input(cfg, "prompts")
     if read_manifest(prompts_dir) is None:
         raise UsageError(f"{prompts_dir}: no held-out prompts; run `prepare --test-fraction F` or pass --prompts DIR")
-    prompts_in = open_stage(prompts_dir, "prompts")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "eval", name)
+    prompts_in = open_stage(prompts_dir, kind)
+    out_dir = output_dir(dataclasses.replace(cfg, name=name))
     scores_dir, gen_dir = out_dir / "scores", out_dir / "generations"
     model_fp = model_fingerprint(model_path)
 
@@ -524,12 +454,8 @@ def _has_task(stage) -> bool:
 
 
 def fmt_ci(m: dict[str, Any] | None, pct: bool = False, digits: int = 3) -> str:
-    """"0.420 [0.300, 0.550]" (or percentages); "–" when the metric was not computed."""
-    if not m or m.get("mean") is None:
-        return "–"
-    if pct:
-        return f"{100 * m['mean']:.1f}% [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]"
-    return f"{m['mean']:.{digits}f} [{m['lo']:.{digits}f}, {m['hi']:.{digits}f}]"
+    """"0.420 [0.300, 0.550]", or "42.0% [30.0, 55.0]" with pct; "–" when the metric was not computed."""
+    return stats.fmt_interval(m, scale=100.0, digits=1, unit="%") if pct else stats.fmt_interval(m, digits=digits)
 
 
 def _print_summary(summary: dict[str, Any], rescored: dict[str, int], out_dir: Path) -> None:

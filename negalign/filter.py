@@ -29,19 +29,15 @@ import pyarrow.parquet as pq
 from rich.table import Table
 
 from negalign import checkers, selection
-from negalign.config import FilterConfig, stage_path
+from negalign.config import FilterConfig
 from negalign.console import console, progress
 from negalign.embed import embeddings_array
 from negalign.errors import BadInput, UsageError
+from negalign.schemas import NEGATIVES_SCHEMA
+from negalign.stages import output_dir, stage_input
 from negalign.store import StageInput, StageOutput, open_stage, shard_name
 
 NO_TASK = "(none)"  # as in eval's summary
-
-NEGATIVES_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text_sha", pa.string()),
-    ("sim_to_target", pa.float32()), ("rank", pa.int32()), ("kept", pa.bool_()), ("drop_reason", pa.string()),
-])
-
 
 def _stage_config(cfg: FilterConfig) -> dict[str, Any]:
     """The fingerprinted config. The newer options enter it only when they change the output relative to the
@@ -254,24 +250,20 @@ def _prompts_path(cfg: FilterConfig, embeddings: StageInput) -> Path:
     """--prompts, else the prompts the embeddings were made from (so that they belong together), else
     RUN/prompts."""
     if cfg.prompts:
-        return stage_path(cfg, cfg.prompts, "prompts")
+        return Path(cfg.prompts)
     rel = embeddings.manifest.get("input_paths", {}).get("prompts")
     if rel and (embeddings.path / rel).is_dir():
         return Path(os.path.normpath(embeddings.path / rel))
-    return stage_path(cfg, None, "prompts")
+    return Path(cfg.run, "prompts")
 
 
 def run(cfg: FilterConfig) -> None:
-    if cfg.strategy not in selection.STRATEGIES:
-        raise UsageError(f"--strategy must be one of {', '.join(selection.STRATEGIES)}, got '{cfg.strategy}'")
     if cfg.strategy == "threshold" and cfg.max_sim is None:
         raise UsageError("--strategy threshold needs --max-sim")
-    if not 0.0 <= cfg.keep_fraction <= 1.0:
-        raise UsageError(f"--keep-fraction must be in [0, 1], got {cfg.keep_fraction}")
     check_kinds(cfg)
-    embeddings = open_stage(stage_path(cfg, cfg.embeddings, "embeddings"), "embed")
-    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
-    out_dir = stage_path(cfg, cfg.out, "negatives")
+    embeddings = open_stage(*stage_input(cfg, "embeddings"))
+    samples = open_stage(*stage_input(cfg, "samples"))
+    out_dir = output_dir(cfg)
     inputs: dict[str, str | StageInput] = {"embeddings": embeddings, "samples": samples}
     prompts: dict[str, dict[str, Any]] | None = None
     task_of: dict[str, str | None] | None = None

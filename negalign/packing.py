@@ -110,6 +110,12 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return logps, counts
 
 
+def to_device(batch: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """The batch on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def num_model_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that went through the model (padding excluded)."""
     return int(batch["num_tokens"] if "num_tokens" in batch else batch["attention_mask"].sum())

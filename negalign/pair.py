@@ -30,10 +30,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from negalign.config import PairConfig, stage_path
+from negalign.config import PairConfig
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
+from negalign.schemas import PAIR_SCHEMA, TRL_SCHEMA
 from negalign.selection import draw_negatives, take_first_k
+from negalign.stages import output_dir, stage_input
 from negalign.store import (
     StageInput,
     StageOutput,
@@ -43,14 +45,6 @@ from negalign.store import (
     write_parquet,
 )
 
-MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
-PAIR_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("messages", pa.list_(MESSAGE)), ("chosen", pa.string()),
-    ("rejected", pa.list_(pa.string())), ("rejected_sim", pa.list_(pa.float32())),
-    ("rejected_idx", pa.list_(pa.int32())), ("num_kept", pa.int32()), ("anchors", pa.list_(pa.string())),
-    ("negatives", pa.list_(pa.string())), ("y_ref", pa.string()),
-])
-TRL_SCHEMA = pa.schema([("prompt", pa.list_(MESSAGE)), ("chosen", pa.list_(MESSAGE)), ("rejected", pa.list_(MESSAGE))])
 SKIP_REASONS = ("no_target", "no_negatives")
 K_LADDER = (1, 2, 4, 8, 16)  # the paper's ablation: how many groups each train --num-negatives K can use
 # Filter drops that also disqualify a D2O self-sample (others, e.g. "near_target", mean nothing without a target).
@@ -127,13 +121,11 @@ def trl_rows(pairs: pa.Table) -> pa.Table:
 
 
 def run(cfg: PairConfig) -> None:
-    if cfg.max_negatives < 1:
-        raise UsageError("--max-negatives must be at least 1")
-    negatives = open_stage(stage_path(cfg, cfg.negatives, "negatives"), "filter")
-    samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
-    prompts_in = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
-    greedy_in = open_optional_stage(stage_path(cfg, cfg.greedy_dir, "greedy"), "sample")
-    out_dir = stage_path(cfg, cfg.out, "pairs")
+    negatives = open_stage(*stage_input(cfg, "negatives"))
+    samples = open_stage(*stage_input(cfg, "samples"))
+    prompts_in = open_stage(*stage_input(cfg, "prompts"))
+    greedy_in = open_optional_stage(*stage_input(cfg, "greedy_dir"))
+    out_dir = output_dir(cfg)
 
     inputs: dict[str, str | StageInput] = {"negatives": negatives, "samples": samples, "prompts": prompts_in}
     if greedy_in is not None:

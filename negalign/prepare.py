@@ -18,9 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from negalign import adapters
-from negalign.config import PrepareConfig, run_path
+from negalign.config import PrepareConfig
 from negalign.console import console
 from negalign.errors import BadInput, UsageError
+from negalign.stages import output_dirs
 from negalign.store import PROMPTS_SCHEMA, StageOutput, fingerprint, sha256_file
 
 
@@ -208,10 +209,6 @@ def _write(records: list[dict[str, Any]], out_dir: Path, cfg: PrepareConfig, inp
 def run(cfg: PrepareConfig) -> None:
     if not cfg.input:
         raise UsageError("prepare needs --input FILE (Parquet, JSONL or a datasets folder)")
-    if not 0.0 <= cfg.test_fraction < 1.0:
-        raise UsageError(f"--test-fraction must be in [0, 1), got {cfg.test_fraction}")
-    if cfg.on_bad_row not in ("fail", "skip"):
-        raise UsageError(f"--on-bad-row must be 'fail' or 'skip', got '{cfg.on_bad_row}'")
     records, summary = build_prompts(cfg)
     input_path = Path(cfg.input)
     input_fp = fingerprint([sha256_file(Path(f)) for f in (
@@ -227,14 +224,14 @@ def run(cfg: PrepareConfig) -> None:
     test = [r for r in records if is_test(r["prompt_id"], cfg.test_fraction, cfg.seed)]
     if not train:
         raise UsageError("--test-fraction leaves no training prompts")
-    _write(train, run_path(cfg, "prompts"), cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
-    if cfg.test_fraction > 0:
-        _write(test, run_path(cfg, "prompts_test"), cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
+    train_dir, *test_dir = output_dirs(cfg)  # RUN/prompts, and RUN/prompts_test with --test-fraction
+    _write(train, train_dir, cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
+    if test_dir:
+        _write(test, test_dir[0], cfg, {"input": input_fp}, stage_config, summary["bad_rows"])
     n_neg = sum(len(r["negatives"] or []) for r in records)
     bad = ", ".join(f"{k}: {v}" for k, v in summary["bad_rows"].items()) or "none"
     console.print(
         f"prepare ({summary.get('format')}): {summary['input_rows']} rows -> {len(records)} prompts "
         f"({summary['duplicates']} duplicates collapsed; bad rows skipped: {bad}); "
         f"{sum(r['target'] is not None for r in records)} targets, {n_neg} given negatives; "
-        f"train {len(train)} -> {run_path(cfg, 'prompts')}"
-        + (f", test {len(test)} -> {run_path(cfg, 'prompts_test')}" if cfg.test_fraction > 0 else ""))
+        f"train {len(train)} -> {train_dir}" + (f", test {len(test)} -> {test_dir[0]}" if test_dir else ""))

@@ -92,7 +92,7 @@ def compute(model: Any, needs: list[Need], folder: Path, *, ref_model: str, temp
     """Reference log-probs of `needs` (prompt-shared forward, no grad), flushed to `folder` as they come."""
     import torch
 
-    from negalign.packing import pack, sequence_logps
+    from negalign.packing import pack, sequence_logps, to_device
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -125,8 +125,8 @@ def compute(model: Any, needs: list[Need], folder: Path, *, ref_model: str, temp
                 size += _group_tokens(groups[i])
                 i += 1
             with torch.inference_mode():
-                logps, counts = sequence_logps(model, _to(pack([(g[0].prompt, [n.response for n in g])
-                                                               for g in batch]), model))
+                logps, counts = sequence_logps(model, to_device(pack([(g[0].prompt, [n.response for n in g])
+                                                                     for g in batch]), model))
             flat = [n for g in batch for n in g]
             for n, lp, c in zip(flat, logps.tolist(), counts.tolist(), strict=True):
                 out[n.key] = lp
@@ -147,7 +147,3 @@ def compute(model: Any, needs: list[Need], folder: Path, *, ref_model: str, temp
 def _group_tokens(group: list[Need]) -> int:
     return len(group[0].prompt) + sum(len(n.response) for n in group)
 
-
-def _to(batch: dict, model: Any) -> dict:
-    device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items()}

@@ -27,9 +27,10 @@ import numpy as np
 import pyarrow as pa
 
 from negalign import stats, store
-from negalign.config import ReportConfig, run_path
+from negalign.config import ReportConfig
 from negalign.console import console
 from negalign.errors import UsageError
+from negalign.stages import output_dir
 from negalign.store import atomic_write_text, open_stage, read_manifest
 
 # (summary key, label, shown as a percentage)
@@ -183,16 +184,14 @@ def _decoding(m: Model) -> str:
 
 # ----------------------------------------------------------------------------------------------- formatting
 
+def _style(key: str) -> dict[str, Any]:
+    """How a metric is shown: rates in percent with 1 decimal, tokens with 1, the rest with 3."""
+    return {"scale": 100.0 if key in PCT else 1.0, "digits": 1 if key in PCT or key == "tokens" else 3}
+
+
 def fmt(v: dict[str, Any] | None, key: str) -> str:
-    if not v or v.get("mean") is None:
-        return "–"
-    scale, unit = (100.0, "%") if key in PCT else (1.0, "")
-    digits = 1 if key in PCT or key == "tokens" else 3
-    mean = f"{scale * v['mean']:.{digits}f}{unit}"
-    if v.get("se") is not None:
-        seeds = ", ".join(f"{scale * s:.{digits}f}" for s in v["seeds"])
-        return f"{mean} ± {scale * v['se']:.{digits}f} (seeds: {seeds})"
-    return f"{mean} [{scale * v['lo']:.{digits}f}, {scale * v['hi']:.{digits}f}]"
+    """report.md cell: "33.3% [8.3, 58.3]", or "16.7% ± 2.1 (seeds: 14.6, 18.8)" over seeds."""
+    return stats.fmt_interval(v, **_style(key), unit="%" if key in PCT else "")
 
 
 def _columns(groups: list[Group]) -> list[str]:
@@ -426,7 +425,7 @@ def run(cfg: ReportConfig) -> Path:
     for name in against:
         if name not in by_name:
             raise UsageError(f"--against: no eval named {name!r} (have: {', '.join(sorted(by_name))})")
-    out = Path(cfg.out) if cfg.out else run_path(cfg, "report")
+    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_models(models)
     tokens = {}
@@ -506,14 +505,8 @@ def _markdown(groups: list[Group], plots: dict[str, Path | None], comparison: di
 
 
 def _short(v: dict[str, Any] | None, key: str) -> str:
-    """Terminal cell: "33.3 [8.3, 58.3]" (percent points for rates) or "16.7 ±2.1" over seeds."""
-    if not v or v.get("mean") is None:
-        return "–"
-    scale = 100.0 if key in PCT else 1.0
-    digits = 1 if key in PCT or key == "tokens" else 3
-    if v.get("se") is not None:
-        return f"{scale * v['mean']:.{digits}f} ±{scale * v['se']:.{digits}f} (n={len(v['seeds'])})"
-    return f"{scale * v['mean']:.{digits}f} [{scale * v['lo']:.{digits}f}, {scale * v['hi']:.{digits}f}]"
+    """Terminal cell: "33.3 [8.3, 58.3]" (percent points for rates) or "16.7 ±2.1 (n=2)" over seeds."""
+    return stats.fmt_interval(v, **_style(key), seeds="count")
 
 
 def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
@@ -544,5 +537,5 @@ def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
 def _diff(d: dict[str, Any], key: str) -> str:
     """A signed difference with its interval: points for the checker, 3 decimals otherwise."""
     if key == "correct":
-        return f"{100 * d['mean']:+.1f} pts [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        return stats.fmt_interval(d, scale=100.0, digits=1, unit=" pts", sign="+")
+    return stats.fmt_interval(d, sign="+")

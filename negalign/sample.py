@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from negalign.config import SampleConfig, run_path, stage_path
+from negalign.config import SampleConfig
 from negalign.console import console, progress
 from negalign.errors import NegalignError, UsageError
 from negalign.models import (
@@ -44,23 +44,15 @@ from negalign.models import (
     render_prompt,
     resolve_model,
 )
+from negalign.schemas import SAMPLE_SCHEMA
+from negalign.stages import output_dir, stage_input
 from negalign.store import StageOutput, fingerprint, my_shards, open_stage
 from negalign.threads import set_threads
-
-SAMPLE_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()), ("sample_idx", pa.int32()), ("text", pa.string()), ("num_tokens", pa.int32()),
-    ("finish_reason", pa.string()), ("seed", pa.int64()), ("engine", pa.string()), ("model", pa.string()),
-])
 
 
 def row_seed(seed: int, prompt_id: str, sample_idx: int) -> int:
     """A 31-bit seed from sha256(seed, prompt_id, sample_idx): stable across runs, machines and batchings."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}:{sample_idx}".encode()).digest()[:4], "big") >> 1
-
-
-def _opt(cfg: SampleConfig, name: str, default: Any = None) -> Any:
-    """A config field that older configs (or callers building SampleConfig by hand) may lack."""
-    return getattr(cfg, name, default)
 
 
 @dataclass
@@ -90,12 +82,12 @@ class HFEngine:
         import torch
 
         self.torch, self.cfg, self.tokenizer = torch, cfg, tokenizer
-        if not (_opt(cfg, "verbose", False) or cfg.debug):
+        if not (cfg.verbose or cfg.debug):
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # the weight-loading bar; negalign's own bar follows
         self.device = best_device()
-        dtype = _opt(cfg, "dtype", "auto")
+        dtype = cfg.dtype
         dtype = (torch.bfloat16 if self.device == "cuda" else torch.float32) if dtype in (None, "auto") \
             else getattr(torch, dtype)
         self.model = load_causal_lm(cfg.model, device=self.device, trust_remote_code=cfg.trust_remote_code,
@@ -208,7 +200,7 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, cfg: SampleConfig, tokenizer: Any) -> None:
-        verbose = bool(_opt(cfg, "verbose", False) or cfg.debug)
+        verbose = bool(cfg.verbose or cfg.debug)
         quiet_vllm(verbose)
         import torch
         from vllm import LLM, SamplingParams
@@ -217,8 +209,8 @@ class VLLMEngine:
 
         self.cfg, self.SamplingParams, self.TokensPrompt = cfg, SamplingParams, TokensPrompt
         self.final_only = RequestOutputKind.FINAL_ONLY
-        kwargs: dict[str, Any] = {"tensor_parallel_size": _opt(cfg, "tensor_parallel_size", 1) or 1,
-                                  "dtype": _opt(cfg, "dtype", "auto") or "auto", "use_tqdm_on_load": verbose}
+        kwargs: dict[str, Any] = {"tensor_parallel_size": cfg.tensor_parallel_size,
+                                  "dtype": cfg.dtype, "use_tqdm_on_load": verbose}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:
@@ -309,7 +301,7 @@ class VLLMEngine:
 
 
 def max_model_len(cfg: SampleConfig) -> int:
-    return _opt(cfg, "max_model_len") or cfg.max_prompt_tokens + cfg.max_tokens
+    return cfg.max_model_len or cfg.max_prompt_tokens + cfg.max_tokens
 
 
 def prompt_limit(cfg: SampleConfig) -> int:
@@ -321,11 +313,9 @@ def resolve_engine(cfg: SampleConfig) -> tuple[str, str]:
     """The engine a run uses and why, known before anything starts: `auto` is vLLM unless vLLM cannot be imported
     or does not support this machine. (Any other vLLM failure, out-of-memory included, is an error, not a
     fallback to a 20× slower engine.)"""
-    if cfg.engine not in ("auto", "vllm", "hf"):
-        raise UsageError(f"--engine must be auto, vllm or hf, got '{cfg.engine}'")
     if cfg.engine == "hf":
         return "hf", ""
-    quiet_vllm(bool(_opt(cfg, "verbose", False) or cfg.debug))
+    quiet_vllm(bool(cfg.verbose or cfg.debug))
     why = vllm_unavailable()
     if why is None:
         return "vllm", ""
@@ -360,7 +350,7 @@ def _stage_config(cfg: SampleConfig, engine: str, model_fp: str, template_hash: 
     out = {k: getattr(cfg, k) for k in keys}
     if cfg.greedy:
         out.update(temperature=0.0, top_p=1.0)
-    return {**out, "max_prompt_tokens": prompt_limit(cfg), "engine": engine, "dtype": _opt(cfg, "dtype", "auto"),
+    return {**out, "max_prompt_tokens": prompt_limit(cfg), "engine": engine, "dtype": cfg.dtype,
             "model": model_label(cfg.model), "model_fingerprint": model_fp, "chat_template_hash": template_hash}
 
 
@@ -370,7 +360,7 @@ def _run_data_parallel(cfg: SampleConfig, size: int) -> None:
     offline `LLM` refuses data_parallel_size > 1 in one process). Workers share the output folder as usual."""
     import multiprocessing as mp
 
-    tp = _opt(cfg, "tensor_parallel_size", 1) or 1
+    tp = cfg.tensor_parallel_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(_cuda_count())]
     if gpus and len(gpus) < size * tp:
@@ -407,22 +397,20 @@ def run(cfg: SampleConfig) -> Path:
     """Sample into `cfg.out` (default RUN/samples, or RUN/greedy with greedy) from `cfg.prompts` (default
     RUN/prompts); return the output folder. `eval` calls it on held-out prompts."""
     num_samples = 1 if cfg.greedy else cfg.num_samples
-    if num_samples < 1 or cfg.max_tokens < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
-        raise UsageError("--num-samples, --max-tokens, --shard-size and --batch-size must be at least 1")
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "greedy" if cfg.greedy else "samples")
+    out_dir = output_dir(cfg)
     if prompt_limit(cfg) < 1:
         raise UsageError(f"--max-model-len {max_model_len(cfg)} leaves no room for prompts with --max-tokens "
                          f"{cfg.max_tokens}")
-    dp = _opt(cfg, "data_parallel_size", 1) or 1
+    dp = cfg.data_parallel_size
     if dp > 1:
         _run_data_parallel(cfg, dp)
         return out_dir
-    prompts = open_stage(stage_path(cfg, cfg.prompts, "prompts"), "prompts")
+    prompts = open_stage(*stage_input(cfg, "prompts"))
     engine_name, why = resolve_engine(cfg)
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{cfg.model}: the tokenizer has no chat template; sample needs one to render prompts")
-    threads = set_threads(_opt(cfg, "threads")) if engine_name == "hf" else None
+    threads = set_threads(cfg.threads) if engine_name == "hf" else None
 
     rows = prompts.read(["prompt_id", "messages"]).to_pylist()
     rendered = [render_prompt(tokenizer, r["messages"]) for r in rows]

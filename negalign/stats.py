@@ -96,3 +96,23 @@ def mean_se(values: Sequence[float]) -> dict[str, Any]:
         return {"mean": None, "se": None, "n": 0}
     se = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else None
     return {"mean": float(x.mean()), "se": se, "n": int(x.size)}
+
+
+def fmt_interval(v: dict[str, Any] | None, *, scale: float = 1.0, digits: int = 3, unit: str = "", sign: str = "",
+                 seeds: str = "list") -> str:
+    """The one interval formatter: "0.420 [0.300, 0.550]" for a bootstrap interval {mean, lo, hi}, or for mean ± s.e.
+    over seeds {mean, se, seeds} "0.420 ± 0.010 (seeds: 0.41, 0.43)" (seeds="list") / "0.420 ±0.010 (n=2)"
+    (seeds="count"); "–" when the metric was not computed. Values are multiplied by `scale` (100 for percent), `unit`
+    follows the mean, `sign="+"` signs every number (differences)."""
+    if not v or v.get("mean") is None:
+        return "–"
+
+    def num(x: float) -> str:
+        return f"{scale * x:{sign}.{digits}f}"
+
+    mean = num(v["mean"]) + unit
+    if v.get("se") is not None:
+        if seeds == "count":
+            return f"{mean} ±{scale * v['se']:.{digits}f} (n={len(v['seeds'])})"
+        return f"{mean} ± {scale * v['se']:.{digits}f} (seeds: {', '.join(num(s) for s in v['seeds'])})"
+    return f"{mean} [{num(v['lo'])}, {num(v['hi'])}]"

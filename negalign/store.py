@@ -49,6 +49,9 @@ import pyarrow.parquet as pq
 from negalign import __version__
 from negalign.errors import BadInput, NegalignError, UsageError
 from negalign.faults import crash_point
+from negalign.schemas import PROMPTS_SCHEMA as PROMPTS_SCHEMA  # re-exported: callers import it from here
+from negalign.schemas import REQUIRED
+from negalign.stages import command_of  # the command that writes a kind of output, from the stage declarations
 from negalign.versions import library_versions
 
 MANIFEST = "_manifest.json"  # leading underscore: pyarrow, pandas and Spark skip it when reading the folder
@@ -183,42 +186,8 @@ def _now() -> str:
 
 # ----------------------------------------------------------------------------------------------- schemas
 
-# Required columns per stage and a predicate on their Arrow type. Extra columns are allowed.
-def _is_list_of_str(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_string(t.value_type)
-
-
-def _is_messages(t: pa.DataType) -> bool:
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
-        return False
-    names = {t.value_type.field(i).name for i in range(t.value_type.num_fields)}
-    return {"role", "content"} <= names
-
-
-def _is_float_vector(t: pa.DataType) -> bool:
-    return (pa.types.is_fixed_size_list(t) or pa.types.is_list(t)) and pa.types.is_float32(t.value_type)
-
-
-_str, _int = pa.types.is_string, pa.types.is_integer
-SCHEMAS: dict[str, dict[str, Callable[[pa.DataType], bool]]] = {
-    "prompts": {"prompt_id": _str, "messages": _is_messages, "target": _str, "negatives": _is_list_of_str},
-    "sample": {"prompt_id": _str, "sample_idx": _int, "text": _str, "num_tokens": _int, "finish_reason": _str,
-               "seed": _int, "engine": _str, "model": _str},
-    "embed": {"prompt_id": _str, "sample_idx": _int, "text_sha": _str, "embedding": _is_float_vector},
-    "filter": {"prompt_id": _str, "sample_idx": _int, "sim_to_target": pa.types.is_floating, "rank": _int,
-               "kept": pa.types.is_boolean, "drop_reason": _str},
-    "pair": {"prompt_id": _str, "messages": _is_messages, "chosen": _str, "rejected": _is_list_of_str,
-             "rejected_sim": lambda t: pa.types.is_list(t) and pa.types.is_floating(t.value_type),
-             "anchors": _is_list_of_str, "y_ref": _str},
-}
-
-PROMPTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-    ("target", pa.string()),
-    ("negatives", pa.list_(pa.string())),
-    ("task", pa.string()),  # optional family name for per-family eval; older prompts folders lack it
-])
+# The required columns per stage kind live in negalign.schemas, with every written schema.
+SCHEMAS = REQUIRED
 
 
 def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
@@ -234,11 +203,6 @@ def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
 # ----------------------------------------------------------------------------------------------- manifests
 
 _REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict, "shards": dict}
-
-
-def command_of(stage: str) -> str:
-    """The CLI command that writes a stage's output."""
-    return {"prompts": "prepare"}.get(stage, stage)
 
 
 def manifest_file(path: Path) -> Path | None:
@@ -1064,7 +1028,3 @@ def my_shards(num_shards: int, shard_index: int = 0, num_workers: int = 1) -> li
     if not 0 <= shard_index < num_workers:
         raise UsageError(f"--shard-index must be in [0, {num_workers}), got {shard_index}")
     return [s for s in range(num_shards) if s % num_workers == shard_index]
-
-
-def stage_dir(run: Path, name: str) -> Path:
-    return Path(run) / name

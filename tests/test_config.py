@@ -96,3 +96,62 @@ def test_cli_yaml_typo_exits_2(tmp_path):
     result = runner.invoke(app, ["sample", "--run", str(tmp_path / "r"), "--config", str(cfg)])
     assert result.exit_code == 2
     assert "did you mean 'sample'" in result.output
+
+
+# ----------------------------------------------------------------------------------------------- stage declarations
+
+def test_every_stage_is_declared_once_and_its_options_follow():
+    """STAGE_IO is the one place: each declared input/output is an option of the stage's config, with the help and
+    default the declaration gives; a declared schema passes the store's check of its kind; the store names the
+    command from it."""
+    import pyarrow as pa
+
+    from negalign import stages, store
+    from negalign.schemas import REQUIRED
+
+    assert set(stages.STAGE_IO) == set(STAGES)
+    for name, io in stages.STAGE_IO.items():
+        fields = {f.name: f for f in dataclasses.fields(STAGES[name].config)}
+        assert STAGES[name].config.stage_name == name
+        for spec in (*io.inputs, io.output):
+            if spec.option is None:
+                continue
+            assert spec.option in fields, (name, spec.option)
+            if spec.help is not None:
+                assert fields[spec.option].metadata["help"] == f"{spec.help} [default: {stages.default_text(spec)}]"
+        schema = io.output.schema(4) if callable(io.output.schema) else io.output.schema
+        if schema is not None and io.output.kind in REQUIRED:
+            store.check_schema(schema, io.output.kind, "declared")  # raises when a required column is missing
+            assert isinstance(schema, pa.Schema)
+    assert store.command_of("prompts") == "prepare" and store.command_of("pair") == "pair"
+    assert store.command_of("eval-pref") == "eval-pref"  # not a declared kind: the name itself, as before
+
+
+def test_default_paths_come_from_the_declaration(tmp_path):
+    from negalign.config import EvalConfig, SliceConfig
+    from negalign.stages import output_dir, output_dirs, stage_input
+
+    cfg = SampleConfig(run=str(tmp_path))
+    assert stage_input(cfg, "prompts") == (tmp_path / "prompts", "prompts")
+    assert output_dir(cfg) == tmp_path / "samples"
+    assert output_dir(dataclasses.replace(cfg, greedy=True)) == tmp_path / "greedy"
+    assert str(output_dir(dataclasses.replace(cfg, out="elsewhere"))) == "elsewhere"
+    ev = EvalConfig(run=str(tmp_path), name="sc")
+    assert stage_input(ev, "prompts") == (tmp_path / "prompts_test", "prompts")
+    assert output_dir(ev) == tmp_path / "eval" / "sc"
+    assert output_dir(TrainConfig(run=str(tmp_path), name="m")) == tmp_path / "models" / "m"
+    from negalign.config import PrepareConfig
+
+    assert output_dirs(PrepareConfig(run=str(tmp_path), test_fraction=0.2)) == [tmp_path / "prompts",
+                                                                                tmp_path / "prompts_test"]
+    assert output_dirs(PrepareConfig(run=str(tmp_path))) == [tmp_path / "prompts"]
+    assert output_dir(SliceConfig(run=str(tmp_path))) == tmp_path / "prompts"
+
+
+def test_declared_ranges_are_checked_once_by_validate():
+    from negalign.config import EvalConfig, PrepareConfig
+
+    with pytest.raises(UsageError, match="test_fraction: must be < 1.0"):
+        _resolve(PrepareConfig, "prepare", {"test_fraction": 1.0})
+    with pytest.raises(UsageError, match="bootstrap: must be >= 100"):
+        _resolve(EvalConfig, "eval", {"bootstrap": 5})

@@ -160,7 +160,13 @@ def test_read_model_manifest_is_defensive(tmp_path):
     assert evaluate.read_model_manifest(tmp_path) == {}
     (tmp_path / "_manifest.json").write_text("{not json")
     assert evaluate.read_model_manifest(tmp_path) == {}
-    (tmp_path / "_manifest.json").write_text(json.dumps({"config": {"objective": "sc", "num_negatives": 4}}))
+    (tmp_path / "_manifest.json").write_text(json.dumps({"config": {"objective": "sc"}}))  # not a manifest
+    assert evaluate.read_model_manifest(tmp_path) == {}
+    (tmp_path / "_manifest.json").unlink()
+    from negalign.store import StageOutput
+
+    out = StageOutput.open(tmp_path, "train", {"objective": "sc", "num_negatives": 4}, {})  # as `train` writes it
+    assert out.finish(0)
     assert evaluate.read_model_manifest(tmp_path) == {"objective": "sc", "num_negatives": 4}
     (tmp_path / "_manifest.json").write_text(json.dumps(["a list"]))
     assert evaluate.read_model_manifest(tmp_path) == {}

@@ -1,6 +1,6 @@
 """`negalign run PIPELINE.yaml`: expansion, order, skipping finished steps, dry-run states, failures.
 
-The fast tests use stages that load no model (`prepare` and the pipeline's own `slice`); the slow one runs a tiny
+The fast tests use stages that load no model (`prepare` and `slice`); the slow one runs a tiny
 pipeline through every stage on the real default models.
 """
 
@@ -205,8 +205,9 @@ def test_rank_puts_the_worst_of_y_ref_and_the_negative_last(tmp_path: Path) -> N
     import numpy as np
     import pyarrow as pa
 
+    from negalign import rank
+    from negalign.config import RankConfig
     from negalign.embed import text_sha
-    from negalign.pipeline import RankConfig, run_rank
 
     texts = {"Paris": [1.0, 0.0], "It is Paris.": [0.8, 0.6], "Rome": [0.0, 1.0], "Lyon": [0.6, 0.8]}
     emb = pa.table({"prompt_id": ["a"] * 4, "sample_idx": [-1, 0, 1, 2], "text_sha": [text_sha(t) for t in texts],
@@ -218,7 +219,7 @@ def test_rank_puts_the_worst_of_y_ref_and_the_negative_last(tmp_path: Path) -> N
                       "anchors": pa.array([[], []], type=pa.list_(pa.string())), "y_ref": ["Rome", "It is Paris."]})
     _write(tmp_path / "embeddings", "embed", emb)
     _write(tmp_path / "pairs", "pair", pairs)
-    run_rank(RankConfig(run=str(tmp_path)))
+    rank.run(RankConfig(run=str(tmp_path)))
     rows = pq.read_table(tmp_path / "pairs_ranked" / "part-00000.parquet").to_pylist()
     assert rows[0]["chosen"] == "Paris" and rows[0]["rejected"] == ["Rome", "Lyon"]  # y_ref (0.0) is worse than Lyon
     assert rows[0]["rejected_sim"][0] == pytest.approx(0.0)
