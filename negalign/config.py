@@ -211,6 +211,10 @@ class TrainConfig(Common):
                                               "prompt at token level (p+x). [default: the paper's]")
     sft_weight: float = opt(0.0, "Adds W x the SFT loss (mean token NLL of the chosen) to a preference objective.",
                             min=0.0)
+    dpop_lambda: float = opt(0.0, "DPOP (arXiv 2402.13228), objectives sc and dpo only: lambda of the penalty "
+                                  "lambda*max(0, -r(chosen)) subtracted inside each logit, so that the chosen "
+                                  "answer's log-prob cannot fall below the reference's for free (a guard against "
+                                  "likelihood displacement). 0: off, plain sc/dpo.", min=0.0)
     learning_rate: float = opt(1e-5, "Learning rate (1e-5 was stable for SC in the pilot; 5e-5 truncated answers).",
                                min=0.0, min_exclusive=True, flag="--lr")
     lr_scheduler: str = opt("linear", "LR schedule (transformers' names).",

@@ -67,6 +67,28 @@ def dpo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: 
     return sc(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta)
 
 
+def dpop(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+         ref_rejected: torch.Tensor, beta: float = 0.1, lam: float = 0.0) -> tuple[torch.Tensor, Metrics]:
+    """DPO-Positive (Pal et al. 2024, "Smaug", https://arxiv.org/abs/2402.13228): `sc`/`dpo` with a penalty that
+    stops the chosen answer's likelihood from falling below the reference's.
+
+    .. math::
+
+        L = \\mathrm{mean}_x \\frac{1}{K} \\sum_{i=1}^{K}
+            -\\log \\sigma\\big(\\beta\\,(r(y^*) - r(y_i^-) - \\lambda \\max(0, -r(y^*)))\\big)
+
+    `max(0, −r(y*)) = max(0, log πref(y*|x) − log π(y*|x))` is zero while the policy gives the chosen at least the
+    reference's (summed) log-prob; below it, each nat the chosen loses costs λ nats of margin. λ = 0 is :func:`sc`
+    exactly. Summed log-probs and K negatives per group as in :func:`sc`; the metrics add `dpop_penalty`, the mean
+    of `max(0, −r(y*))`.
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    penalty = torch.clamp(-r_c, min=0.0)  # (B,)
+    logits = beta * (h - lam * penalty.unsqueeze(-1))
+    loss = -F.logsigmoid(logits).mean()
+    return loss, {**_metrics(beta, r_c, r_r, logits), "dpop_penalty": penalty.detach().float().mean().item()}
+
+
 def ipo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
         ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, Metrics]:
     """IPO loss (Azar et al. 2023, https://arxiv.org/abs/2310.12036) on **summed** log-probs.

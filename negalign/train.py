@@ -38,6 +38,7 @@ from negalign.selection import take_first_k
 from negalign.store import StageOutput, open_stage, read_manifest
 
 PREFERENCE = ("dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm")
+DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on the DPO logit
 PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
 
 
@@ -245,10 +246,10 @@ class GroupTrainer(Trainer):
     """`Trainer` whose loss is a `losses.py` objective on grouped, prompt-shared log-probs."""
 
     def __init__(self, *args, objective: str, hparams: dict[str, float], num_negatives: int, num_anchors: int,
-                 lam: float, sft_weight: float, **kwargs):
+                 lam: float, sft_weight: float, dpop_lambda: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective, self.hparams, self.k, self.num_anchors = objective, hparams, num_negatives, num_anchors
-        self.lam, self.sft_weight = lam, sft_weight
+        self.lam, self.sft_weight, self.dpop_lambda = lam, sft_weight, dpop_lambda
         self.loss_is_scaled_for_ga = False  # our loss is a mean per step: Trainer divides by grad-accum steps
         self._metrics: dict[str, list[float]] = {}
         self.tokens_seen = 0
@@ -271,8 +272,12 @@ class GroupTrainer(Trainer):
         else:
             ref = inputs["ref"].to(lp.dtype)
             if self.objective in ("dpo", "ipo", "sc"):
-                fn = {"dpo": losses.sc, "ipo": losses.ipo, "sc": losses.sc}[self.objective]
-                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta)
+                if self.dpop_lambda and self.objective in ("dpo", "sc"):
+                    loss, metrics = losses.dpop(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta,
+                                                lam=self.dpop_lambda)
+                else:
+                    fn = {"dpo": losses.sc, "ipo": losses.ipo, "sc": losses.sc}[self.objective]
+                    loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta)
             elif self.objective in ("sr-dpo", "sr-ipo"):
                 with torch.no_grad():
                     lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
@@ -396,6 +401,8 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
             "rejected", "bf16")
     out = {k: getattr(cfg, k) for k in keys}
     out.update(hparams)
+    if cfg.dpop_lambda:  # only when on: runs without DPOP keep their fingerprints
+        out["dpop_lambda"] = cfg.dpop_lambda
     if cfg.objective == "d2o":
         out["num_anchors"] = cfg.num_anchors
     if cfg.objective in ("sr-dpo", "sr-ipo"):
@@ -440,6 +447,9 @@ def run(cfg: TrainConfig) -> Path:
         hf_logging.disable_progress_bar()
     if cfg.objective == "dpo" and cfg.num_negatives != 1:
         raise UsageError("--objective dpo takes one rejected per prompt; use --objective sc for K > 1")
+    if cfg.dpop_lambda and cfg.objective not in DPOP_OBJECTIVES:
+        raise UsageError(f"--dpop-lambda applies to --objective {' or '.join(DPOP_OBJECTIVES)} (DPOP), not "
+                         f"{cfg.objective}")
     if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
@@ -536,7 +546,7 @@ def run(cfg: TrainConfig) -> Path:
                            data_collator=GroupCollator(cfg.share_prompt, tokenizer.pad_token_id),
                            processing_class=tokenizer, objective=cfg.objective, hparams=hparams,
                            num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors, lam=cfg.lam,
-                           sft_weight=cfg.sft_weight)
+                           sft_weight=cfg.sft_weight, dpop_lambda=cfg.dpop_lambda)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)

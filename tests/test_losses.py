@@ -50,6 +50,45 @@ def test_dpo_by_hand():
         losses.dpo(PC, RC, PR, RR, beta=0.5)
 
 
+def test_dpop_by_hand():
+    """Per negative i: β·(r* − rᵢ⁻ − λ·max(0, −r*)), written out with floats; r* = policy − ref summed log-probs."""
+    pc = torch.tensor([-10.0, -13.0, -7.0], dtype=torch.float64)
+    rc = torch.tensor([-11.0, -12.5, -7.0], dtype=torch.float64)  # r* = 1 (above ref), -0.5 (below), 0 (equal)
+    pr = torch.tensor([[-20.0, -15.0], [-9.0, -30.0], [-4.0, -8.0]], dtype=torch.float64)
+    rr = torch.tensor([[-19.0, -16.0], [-10.0, -28.0], [-6.0, -8.5]], dtype=torch.float64)
+    beta, lam = 0.1, 3.0
+    logits, penalties = [], []
+    for b in range(3):
+        r_star = pc[b].item() - rc[b].item()
+        penalties.append(max(0.0, -r_star))
+        for i in range(2):
+            r_neg = pr[b, i].item() - rr[b, i].item()
+            logits.append(beta * (r_star - r_neg - lam * max(0.0, -r_star)))
+    loss, m = losses.dpop(pc, rc, pr, rr, beta=beta, lam=lam)
+    assert loss.item() == pytest.approx(sum(nls(z) for z in logits) / 6, abs=1e-6)
+    assert m["dpop_penalty"] == pytest.approx(sum(penalties) / 3, abs=1e-6)
+    assert m["rewards/accuracy"] == pytest.approx(sum(z > 0 for z in logits) / 6)
+    assert m["rewards/chosen"] == pytest.approx(beta * (1 - 0.5 + 0) / 3)  # rewards are β·r, not penalised
+    # The penalty pulls the chosen up once it is below the reference (row 1), and not above it (row 0).
+    pc_ = pc.clone().requires_grad_()
+    g = torch.autograd.grad(losses.dpop(pc_, rc, pr, rr, beta=beta, lam=lam)[0], pc_)[0]
+    g0 = torch.autograd.grad(losses.sc(pc_, rc, pr, rr, beta=beta)[0], pc_)[0]
+    assert g[1] < g0[1] < 0 and g[0] == pytest.approx(g0[0].item(), abs=1e-12)
+    for t in m.values():
+        assert isinstance(t, float)  # detached numbers for logging
+
+
+def test_dpop_lambda0_equals_sc_and_k1_equals_dpo():
+    B, K = 4, 3
+    pc, rc, pr, rr = rand(B, seed=50), rand(B, seed=51), rand(B, K, seed=52), rand(B, K, seed=53)
+    a, ma = losses.dpop(pc, rc, pr, rr, beta=0.1, lam=0.0)
+    b, mb = losses.sc(pc, rc, pr, rr, beta=0.1)
+    assert a.item() == b.item()
+    assert {k: v for k, v in ma.items() if k != "dpop_penalty"} == mb
+    c, _ = losses.dpop(pc, rc, pr[:, :1], rr[:, :1], beta=0.1, lam=0.0)
+    assert c.item() == pytest.approx(losses.dpo(pc, rc, pr[:, 0], rr[:, 0], beta=0.1)[0].item(), abs=1e-12)
+
+
 def test_ipo_by_hand():
     loss, _ = losses.ipo(PC, RC, PR, RR, beta=0.25)  # 1/(2β) = 2
     want = sum((h - 2.0) ** 2 for row in H for h in row) / 4

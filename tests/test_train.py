@@ -93,6 +93,20 @@ def test_template_parity_refused_unless_allowed(tmp_path):
     assert check_template(validate(TrainConfig(run=str(run))), stage, "0123456789abcdef") == "0123456789abcdef"
 
 
+@pytest.mark.parametrize("objective", ["ipo", "sr-dpo", "selm", "d2o", "sft"])
+def test_dpop_lambda_is_refused_outside_sc_and_dpo(tmp_path, objective):
+    from negalign.config import resolve
+    from negalign.train import run
+
+    cfg = resolve(TrainConfig, "train", {"train": {"dpop_lambda": 5}}, {"objective": objective,
+                                                                        "run": str(tmp_path / "run")})
+    assert cfg.dpop_lambda == 5.0  # the YAML key
+    with pytest.raises(UsageError, match="--dpop-lambda applies to --objective sc or dpo") as e:
+        run(cfg)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 # ----------------------------------------------------------------------------------------------- prompt sharing
 
 @pytest.mark.slow
