@@ -37,7 +37,6 @@ from negalign.packing import num_model_tokens, pack, pad, sequence_logps
 from negalign.selection import take_first_k
 from negalign.store import StageOutput, open_stage, read_manifest
 
-PREFERENCE = ("dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm")
 DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on the DPO logit
 PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
 
@@ -245,11 +244,11 @@ class GroupCollator:
 class GroupTrainer(Trainer):
     """`Trainer` whose loss is a `losses.py` objective on grouped, prompt-shared log-probs."""
 
-    def __init__(self, *args, objective: str, hparams: dict[str, float], num_negatives: int, num_anchors: int,
-                 lam: float, sft_weight: float, dpop_lambda: float = 0.0, **kwargs):
+    def __init__(self, *args, objective: str, params: losses.Params, **kwargs):
         super().__init__(*args, **kwargs)
-        self.objective, self.hparams, self.k, self.num_anchors = objective, hparams, num_negatives, num_anchors
-        self.lam, self.sft_weight, self.dpop_lambda = lam, sft_weight, dpop_lambda
+        if objective not in losses.LOSSES:
+            raise UsageError(f"unknown objective {objective!r}")
+        self.objective, self.params = objective, params
         self.loss_is_scaled_for_ga = False  # our loss is a mean per step: Trainer divides by grad-accum steps
         self._metrics: dict[str, list[float]] = {}
         self.tokens_seen = 0
@@ -263,42 +262,15 @@ class GroupTrainer(Trainer):
         self.tokens_seen += num_model_tokens(inputs["main"])
         n = logps.shape[0]
         b = inputs["ref"].shape[0] if "ref" in inputs else n
-        lp, cnt = logps.view(b, n // b), counts.view(b, n // b)
-        beta, alpha, k = self.hparams["beta"], self.hparams["alpha"], self.k
-        sft = -lp[:, 0].sum() / cnt[:, 0].sum().clamp(min=1)
-        metrics: dict[str, float] = {}
-        if self.objective == "sft":
-            loss = sft
-        else:
-            ref = inputs["ref"].to(lp.dtype)
-            if self.objective in ("dpo", "ipo", "sc"):
-                if self.dpop_lambda and self.objective in ("dpo", "sc"):
-                    loss, metrics = losses.dpop(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta,
-                                                lam=self.dpop_lambda)
-                else:
-                    fn = {"dpo": losses.sc, "ipo": losses.ipo, "sc": losses.sc}[self.objective]
-                    loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta)
-            elif self.objective in ("sr-dpo", "sr-ipo"):
-                with torch.no_grad():
-                    lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
-                self.tokens_seen += num_model_tokens(inputs["q"])
-                lq = lq.view(b, n // b)
-                rq = inputs["ref_q"].to(lp.dtype)
-                fn = losses.sr_dpo if self.objective == "sr-dpo" else losses.sr_ipo
-                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], policy_chosen_q=lq[:, 0],
-                                   policy_rejected_q=lq[:, 1:1 + k], ref_chosen_q=rq[:, 0],
-                                   ref_rejected_q=rq[:, 1:1 + k], beta=beta, lam=self.lam)
-            elif self.objective == "selm":
-                loss, metrics = losses.selm(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k],
-                                            policy_yref=lp[:, -1], ref_yref=ref[:, -1], beta=beta, alpha=alpha)
-            elif self.objective == "d2o":
-                a = self.num_anchors
-                loss, metrics = losses.d2o(lp[:, :a], ref[:, :a], lp[:, a:], ref[:, a:], beta=beta, alpha=alpha)
-            else:
-                raise UsageError(f"unknown objective {self.objective!r}")
-            if self.sft_weight and self.objective != "d2o":
-                loss = loss + self.sft_weight * sft
-        metrics["sft_nll"] = sft.detach().item()
+        group = losses.Group(policy=logps.view(b, n // b), counts=counts.view(b, n // b))
+        if "ref" in inputs:
+            group.ref = inputs["ref"].to(logps.dtype)
+        if "q" in inputs:  # Sr-*: the policy on p ⊕ x, without gradient (Δ is a stop-gradient)
+            with torch.no_grad():
+                lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
+            self.tokens_seen += num_model_tokens(inputs["q"])
+            group.policy_q, group.ref_q = lq.view(b, n // b), inputs["ref_q"].to(logps.dtype)
+        loss, metrics = losses.group_loss(self.objective, group, self.params)
         metrics["num_tokens"] = float(self.tokens_seen)
         self._record(metrics)
         return loss
@@ -544,9 +516,10 @@ def run(cfg: TrainConfig) -> Path:
 
     trainer = GroupTrainer(model=model, args=args, train_dataset=GroupDataset(items),
                            data_collator=GroupCollator(cfg.share_prompt, tokenizer.pad_token_id),
-                           processing_class=tokenizer, objective=cfg.objective, hparams=hparams,
-                           num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors, lam=cfg.lam,
-                           sft_weight=cfg.sft_weight, dpop_lambda=cfg.dpop_lambda)
+                           processing_class=tokenizer, objective=cfg.objective,
+                           params=losses.Params(beta=hparams["beta"], alpha=hparams["alpha"], lam=cfg.lam,
+                                                dpop_lambda=cfg.dpop_lambda, sft_weight=cfg.sft_weight,
+                                                num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)

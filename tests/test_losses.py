@@ -248,3 +248,51 @@ def test_dpo_equals_trl_sigmoid_and_ipo_equals_trl_ipo_after_scaling():
         # TRL's IPO divides each log-ratio by its token count: feed ours the per-token log-probs to compare.
         ours_ipo = losses.ipo(pc / n_c, rc / n_c, pr / n_r, rr / n_r, beta=beta)[0].item()
         assert ours_ipo == pytest.approx(_trl_loss("ipo", beta, pc, rc, pr, rr, n_c, n_r), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ the dispatch table
+def test_table_has_every_objective_and_group_loss_equals_the_functions():
+    from negalign.config import OBJECTIVES
+
+    assert set(losses.LOSSES) == set(OBJECTIVES)
+    B, K, A = 3, 2, 2
+    pol, ref, cnt = rand(B, 1 + K + 1, seed=60), rand(B, 1 + K + 1, seed=61), torch.tensor([[2, 3, 4, 5]] * B)
+    g = losses.Group(policy=pol, counts=cnt, ref=ref, policy_q=rand(B, 4, seed=62), ref_q=rand(B, 4, seed=63))
+    p = losses.Params(beta=0.2, alpha=0.05, lam=0.3, num_negatives=K, num_anchors=A)
+    pc, rc, pr, rr = pol[:, 0], ref[:, 0], pol[:, 1:1 + K], ref[:, 1:1 + K]
+    q = dict(policy_chosen_q=g.policy_q[:, 0], policy_rejected_q=g.policy_q[:, 1:1 + K], ref_chosen_q=g.ref_q[:, 0],
+             ref_rejected_q=g.ref_q[:, 1:1 + K])
+    want = {"sc": losses.sc(pc, rc, pr, rr, beta=0.2), "ipo": losses.ipo(pc, rc, pr, rr, beta=0.2),
+            "sr-dpo": losses.sr_dpo(pc, rc, pr, rr, **q, beta=0.2, lam=0.3),
+            "sr-ipo": losses.sr_ipo(pc, rc, pr, rr, **q, beta=0.2, lam=0.3),
+            "selm": losses.selm(pc, rc, pr, rr, policy_yref=pol[:, -1], ref_yref=ref[:, -1], beta=0.2, alpha=0.05),
+            "d2o": losses.d2o(pol[:, :A], ref[:, :A], pol[:, A:], ref[:, A:], beta=0.2, alpha=0.05)}
+    nll = -pol[:, 0].sum() / cnt[:, 0].sum()
+    for name, (loss, metrics) in want.items():
+        got, m = losses.group_loss(name, g, p)
+        assert got.item() == loss.item(), name
+        assert {k: m[k] for k in metrics} == metrics and m["sft_nll"] == pytest.approx(nll.item())
+    assert losses.group_loss("sft", g, p)[0].item() == pytest.approx(nll.item())
+    one = losses.Params(beta=0.2, num_negatives=1)
+    assert losses.group_loss("dpo", g, one)[0].item() == losses.dpo(pc, rc, pol[:, 1], ref[:, 1], beta=0.2)[0].item()
+    # --sft-weight adds W × the chosen's NLL where the layout has a chosen (not d2o), --dpop-lambda switches to DPOP
+    w = losses.Params(beta=0.2, sft_weight=0.5, dpop_lambda=2.0, num_negatives=K, num_anchors=A)
+    assert losses.group_loss("sc", g, w)[0].item() == pytest.approx(
+        losses.dpop(pc, rc, pr, rr, beta=0.2, lam=2.0)[0].item() + 0.5 * nll.item(), abs=1e-12)
+    assert losses.group_loss("d2o", g, w)[0].item() == losses.d2o(pol[:, :A], ref[:, :A], pol[:, A:], ref[:, A:],
+                                                                  beta=0.2, alpha=0.1)[0].item()
+
+
+def test_likelihood_metrics_by_hand():
+    pol = torch.tensor([[-4.0, -10.0, -6.0], [-2.0, -8.0, -12.0]], dtype=torch.float64)
+    ref = torch.tensor([[-5.0, -9.0, -9.0], [-3.0, -8.0, -10.0]], dtype=torch.float64)
+    cnt = torch.tensor([[2, 5, 3], [4, 4, 2]])
+    m = losses.group_loss("sc", losses.Group(policy=pol, counts=cnt, ref=ref), losses.Params(num_negatives=2))[1]
+    assert m["logps/chosen"] == pytest.approx(-3.0)
+    assert m["logps/rejected"] == pytest.approx((-10 - 6 - 8 - 12) / 4)
+    assert m["logratio/chosen"] == pytest.approx(1.0)
+    assert m["logratio/chosen_per_token"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert m["logratio/rejected"] == pytest.approx((-1 + 3 + 0 - 2) / 4)
+    assert m["logratio/rejected_per_token"] == pytest.approx((-1 / 5 + 3 / 3 + 0 / 4 - 2 / 2) / 4)
+    sft = losses.group_loss("sft", losses.Group(policy=pol[:, :1], counts=cnt[:, :1]), losses.Params())[1]
+    assert sft["logps/chosen"] == pytest.approx(-3.0) and not any(k.startswith("logratio") for k in sft)
