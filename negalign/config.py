@@ -217,9 +217,15 @@ class TrainConfig(Common):
                                   "likelihood displacement). 0: off, plain sc/dpo.", min=0.0)
     learning_rate: float = opt(1e-5, "Learning rate (1e-5 was stable for SC in the pilot; 5e-5 truncated answers).",
                                min=0.0, min_exclusive=True, flag="--lr")
-    lr_scheduler: str = opt("linear", "LR schedule (transformers' names).",
+    lr_scheduler: str = opt("linear", "LR schedule after the warm-up (transformers' schedulers): linear (decay to 0 "
+                                      "at the last step), cosine (half-cosine decay to 0), constant_with_warmup "
+                                      "(flat after the warm-up), constant (flat, and it ignores any warm-up).",
                             choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    warmup_steps: int = opt(0, "LR warm-up steps.", min=0)
+    warmup_steps: int = opt(0, "LR warm-up steps, linear from 0 to --lr; when given (> 0) it replaces "
+                               "--warmup-ratio.", min=0)
+    warmup_ratio: float | None = opt(None, "LR warm-up as a share of the optimizer steps (0 <= r < 1), linear from 0 "
+                                           "to --lr. [default: 0.1 for the preference objectives, as DPO recipes "
+                                           "use; 0 for sft]", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     epochs: int = opt(1, "Passes over the groups.", min=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)

@@ -39,6 +39,16 @@ from negalign.store import StageOutput, open_stage, read_manifest
 
 DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on the DPO logit
 PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
+PREFERENCE_WARMUP_RATIO = 0.1  # the warm-up of common DPO recipes (issue 19: LoRA-DPO ~5e-6 with 10 % warmup)
+
+DISPLACEMENT_THRESHOLD = -0.5
+"""Nats per token. `train` warns of likelihood displacement when the chosen answer's mean log-ratio to the reference,
+`logratio/chosen_per_token` = (logp(π, y*) − logp(πref, y*)) / |y*|, over the last 10 % of the logged steps is below
+this. A heuristic, chosen so: at −0.5 the chosen's tokens keep on average e^−0.5 ≈ 61 % of their reference
+probability, so a 5-token answer keeps e^−2.5 ≈ 8 % of its sequence probability and greedy decoding no longer
+reliably gives it back; and it is far outside the drift that a healthy DPO run needs, since the paper's ~200-token
+answers reach a comfortable margin with about 0.07 nats per token in all. A small fall of the chosen is common in
+DPO (arXiv 2402.13228, 2410.08847) and does not trigger it."""
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -48,6 +58,34 @@ def resolved_hparams(cfg: TrainConfig) -> dict[str, Any]:
     d = PAPER_DEFAULTS.get(cfg.objective, {})
     return {"beta": cfg.beta if cfg.beta is not None else d.get("beta", 0.1),
             "alpha": cfg.alpha if cfg.alpha is not None else d.get("alpha", 0.1)}
+
+
+def warmup(cfg: TrainConfig) -> tuple[int, float]:
+    """(warmup steps, warmup ratio) as trained: `--warmup-steps` when given, else `--warmup-ratio`, whose default
+    is 0.1 for the preference objectives (a cold start at the full rate moves the policy off the reference before the
+    margins mean anything) and 0 for sft (its behaviour before the option existed)."""
+    if cfg.warmup_steps:
+        return cfg.warmup_steps, 0.0
+    if cfg.warmup_ratio is not None:
+        return 0, cfg.warmup_ratio
+    return 0, 0.0 if cfg.objective == "sft" else PREFERENCE_WARMUP_RATIO
+
+
+def displacement_warning(logged: list[dict[str, Any]], threshold: float = DISPLACEMENT_THRESHOLD,
+                         tail: float = 0.1) -> tuple[float | None, str | None]:
+    """(the chosen's mean `logratio/chosen_per_token` over the last `tail` share of the logged steps, at least one;
+    the one-line warning when it is below `threshold`, else None). (None, None) when no step logged it (sft, d2o)."""
+    values = [r["logratio/chosen_per_token"] for r in logged if "logratio/chosen_per_token" in r]
+    if not values:
+        return None, None
+    n = max(1, math.ceil(len(values) * tail))
+    mean = sum(values[-n:]) / n
+    if mean >= threshold:
+        return mean, None
+    return mean, (f"train: warning: likelihood displacement: the chosen answer's log-ratio to the reference averaged "
+                  f"{mean:.2f} nats/token over the last {n} logged step(s) (threshold {threshold}), so the model "
+                  "now gives its targets less probability than the starting model did; add --sft-weight (e.g. 1) "
+                  "or --dpop-lambda, or lower --lr")
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -375,6 +413,10 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
     out.update(hparams)
     if cfg.dpop_lambda:  # only when on: runs without DPOP keep their fingerprints
         out["dpop_lambda"] = cfg.dpop_lambda
+    steps, ratio = warmup(cfg)
+    out["warmup_steps"] = steps
+    if ratio:  # only when non-zero: sft runs keep their fingerprints (preference runs default to 0.1: they change)
+        out["warmup_ratio"] = ratio
     if cfg.objective == "d2o":
         out["num_anchors"] = cfg.num_anchors
     if cfg.objective in ("sr-dpo", "sr-ipo"):
@@ -396,7 +438,9 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, device: str) -> Trai
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5.19 has no warmup_ratio: a warmup_steps value below 1 is the ratio of the total steps
+        warmup_steps=warmup(cfg)[0] or warmup(cfg)[1],
         weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
         data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -422,6 +466,8 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.dpop_lambda and cfg.objective not in DPOP_OBJECTIVES:
         raise UsageError(f"--dpop-lambda applies to --objective {' or '.join(DPOP_OBJECTIVES)} (DPOP), not "
                          f"{cfg.objective}")
+    if cfg.warmup_ratio is not None and cfg.warmup_ratio >= 1:
+        raise UsageError(f"--warmup-ratio must be below 1 (a share of the steps), got {cfg.warmup_ratio}")
     if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
@@ -554,7 +600,9 @@ def run(cfg: TrainConfig) -> Path:
     logged = [json.loads(ln) for ln in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     losses_seen = [r["loss"] for r in logged if "loss" in r]
     first_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    chosen_tail, warning = displacement_warning(logged)
     summary = {"groups": len(items), "skipped": skipped, "truncated_sequences": truncated, "steps": steps,
+               "chosen_logratio_per_token_last": chosen_tail, "likelihood_displacement": warning is not None,
                # the mean over every logged step, also across a --resume (the Trainer's covers this process only)
                "train_loss": sum(losses_seen) / len(losses_seen) if losses_seen else result.training_loss,
                "first_loss": losses_seen[0] if losses_seen else None,
@@ -568,6 +616,8 @@ def run(cfg: TrainConfig) -> Path:
     console.print(f"train: {steps} steps in {elapsed:.1f} s "
                   f"({summary['seconds_per_step']:.2f} s/step), loss {summary['first_loss']} → "
                   f"{summary['last_loss']}; model → {out_dir}")
+    if warning:
+        console.print(warning, markup=False)
     if not math.isfinite(result.training_loss):
         raise NegalignError(f"training loss is {result.training_loss}; lower --lr")
     return out_dir
