@@ -198,6 +198,11 @@ class TrainConfig(Common):
                                       "[default: RUN/ref_logps]")
     num_negatives: int = opt(1, "K: the first K stored negatives of each group (d2o: of the given negatives); "
                                 "groups with fewer are skipped and counted.", min=1)
+    min_negatives: int | None = opt(None, "Skip groups whose pair output stores fewer than M sampled negatives "
+                                          "(its rejected column), whatever --num-negatives, --objective and "
+                                          "--rejected are: runs with the same M train on one fixed prompt set "
+                                          "(e.g. K = 1..8 with M = 8, and sft on the same pairs as a control). "
+                                          "[default: no such limit]", min=1)
     num_anchors: int = opt(8, "d2o: the first K self-samples (anchors) of each group (paper: 11); groups with "
                               "fewer are skipped and counted.", min=1)
     rejected: str = opt("sampled", "sampled: the filter's negatives; given: the dataset's own negatives (the "

@@ -125,6 +125,8 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int) -> 
 def _layout(cfg: TrainConfig, row: dict[str, Any]) -> tuple[list[str] | None, str | None]:
     """The response texts of one input row in the objective's layout, or (None, skip reason)."""
     k = cfg.num_negatives
+    if cfg.min_negatives and len(row.get("rejected") or []) < cfg.min_negatives:
+        return None, "few_negatives"  # one fixed prompt set for every K, objective and --rejected
     if cfg.objective == "sft":
         target = row.get("chosen", row.get("target"))
         return ([target], None) if target is not None else (None, "no_target")
@@ -413,6 +415,8 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
     out.update(hparams)
     if cfg.dpop_lambda:  # only when on: runs without DPOP keep their fingerprints
         out["dpop_lambda"] = cfg.dpop_lambda
+    if cfg.min_negatives:  # likewise
+        out["min_negatives"] = cfg.min_negatives
     steps, ratio = warmup(cfg)
     out["warmup_steps"] = steps
     if ratio:  # only when non-zero: sft runs keep their fingerprints (preference runs default to 0.1: they change)

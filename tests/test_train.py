@@ -79,6 +79,22 @@ def test_take_first_k_skips_and_counts():
         take_first_k([["a"]], 0)
 
 
+def test_min_negatives_fixes_one_prompt_set_for_every_k_and_objective():
+    from negalign.train import _layout
+
+    rows = [{"chosen": "a", "rejected": ["x"] * n, "negatives": ["g1", "g2"], "messages": [{}]} for n in (1, 4, 8)]
+
+    def kept(**kw):
+        cfg = validate(TrainConfig(**kw))
+        return [i for i, r in enumerate(rows) if _layout(cfg, r)[0] is not None]
+
+    assert kept(num_negatives=1) == [0, 1, 2] and kept(num_negatives=4) == [1, 2]
+    for kw in ({"num_negatives": 1}, {"num_negatives": 4}, {"objective": "sft"}, {"objective": "dpo"},
+               {"objective": "dpo", "rejected": "given"}):
+        assert kept(min_negatives=4, **kw) == [1, 2], kw  # the same groups whatever K, objective, --rejected
+    assert _layout(validate(TrainConfig(min_negatives=8)), rows[1]) == (None, "few_negatives")
+
+
 def test_template_parity_refused_unless_allowed(tmp_path):
     from negalign.store import open_stage
     from negalign.train import check_template
@@ -150,6 +166,7 @@ def test_warmup_defaults_and_fingerprint_keys(tmp_path):
     assert stage_config(sc, hp, "m", "t", "m")["warmup_ratio"] == 0.1
     assert set(stage_config(cfg(objective="sc", warmup_ratio=0.0), hp, "m", "t", "m")) == before
     assert stage_config(cfg(objective="sc", dpop_lambda=2.0), hp, "m", "t", "m")["dpop_lambda"] == 2.0
+    assert stage_config(cfg(objective="sft", min_negatives=8), hp, "m", "t", "m")["min_negatives"] == 8
     with pytest.raises(UsageError, match="warmup_ratio"):
         validate(TrainConfig(warmup_ratio=1.5))
 
