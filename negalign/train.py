@@ -282,7 +282,7 @@ class GroupCollator:
 
 
 class GroupTrainer(Trainer):
-    """`Trainer` whose loss is a `losses.py` objective on grouped, prompt-shared log-probs."""
+    """`Trainer` whose loss is the `losses.LOSSES` entry of the objective, over a group of prompt-shared log-probs."""
 
     def __init__(self, *args, objective: str, params: losses.Params, **kwargs):
         super().__init__(*args, **kwargs)
