@@ -166,7 +166,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     run = build_run(tmp / "run", args.prompts, args.k)
     common = ["--run", str(run), "--max-steps", str(args.steps), "--lr", str(args.lr), "--max-length",
-              str(args.max_length), "--threads", str(args.threads), "--save-steps", "1000"]
+              str(args.max_length), "--threads", str(args.threads), "--save-steps", "1000",
+              "--warmup-ratio", "0"]  # TRL's DPOConfig warms up for 0 steps: the same schedule on both sides
     k, b = str(args.k), args.batch_size
     variants = {
         "sc K=8, prompt shared": (NEGALIGN, ["train", "--objective", "sc", "--num-negatives", k,

@@ -207,6 +207,11 @@ class TrainConfig(Common):
                                       "[default: RUN/ref_logps]")
     num_negatives: int = opt(1, "K: the first K stored negatives of each group (d2o: of the given negatives); "
                                 "groups with fewer are skipped and counted.", min=1)
+    min_negatives: int | None = opt(None, "Skip groups whose pair output stores fewer than M sampled negatives "
+                                          "(its rejected column), whatever --num-negatives, --objective and "
+                                          "--rejected are: runs with the same M train on one fixed prompt set "
+                                          "(e.g. K = 1..8 with M = 8, and sft on the same pairs as a control). "
+                                          "[default: no such limit]", min=1)
     num_anchors: int = opt(8, "d2o: the first K self-samples (anchors) of each group (paper: 11); groups with "
                               "fewer are skipped and counted.", min=1)
     rejected: str = opt("sampled", "sampled: the filter's negatives; given: the dataset's own negatives (the "
@@ -220,11 +225,21 @@ class TrainConfig(Common):
                                               "prompt at token level (p+x). [default: the paper's]")
     sft_weight: float = opt(0.0, "Adds W x the SFT loss (mean token NLL of the chosen) to a preference objective.",
                             min=0.0)
+    dpop_lambda: float = opt(0.0, "DPOP (arXiv 2402.13228), objectives sc and dpo only: lambda of the penalty "
+                                  "lambda*max(0, -r(chosen)) subtracted inside each logit, so that the chosen "
+                                  "answer's log-prob cannot fall below the reference's for free (a guard against "
+                                  "likelihood displacement). 0: off, plain sc/dpo.", min=0.0)
     learning_rate: float = opt(1e-5, "Learning rate (1e-5 was stable for SC in the pilot; 5e-5 truncated answers).",
                                min=0.0, min_exclusive=True, flag="--lr")
-    lr_scheduler: str = opt("linear", "LR schedule (transformers' names).",
+    lr_scheduler: str = opt("linear", "LR schedule after the warm-up (transformers' schedulers): linear (decay to 0 "
+                                      "at the last step), cosine (half-cosine decay to 0), constant_with_warmup "
+                                      "(flat after the warm-up), constant (flat, and it ignores any warm-up).",
                             choices=("linear", "cosine", "constant", "constant_with_warmup"))
-    warmup_steps: int = opt(0, "LR warm-up steps.", min=0)
+    warmup_steps: int = opt(0, "LR warm-up steps, linear from 0 to --lr; when given (> 0) it replaces "
+                               "--warmup-ratio.", min=0)
+    warmup_ratio: float | None = opt(None, "LR warm-up as a share of the optimizer steps (0 <= r < 1), linear from 0 "
+                                           "to --lr. [default: 0.1 for the preference objectives, as DPO recipes "
+                                           "use; 0 for sft]", min=0.0, max=1.0)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     epochs: int = opt(1, "Passes over the groups.", min=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)

@@ -9,6 +9,9 @@ dict of floats computed from detached tensors: `rewards/chosen`, `rewards/reject
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +68,28 @@ def dpo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: 
     if _as_bk(policy_rejected).shape[-1] != 1:
         raise ValueError("dpo takes one rejected response per prompt; use sc for K > 1")
     return sc(policy_chosen, ref_chosen, policy_rejected, ref_rejected, beta)
+
+
+def dpop(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+         ref_rejected: torch.Tensor, beta: float = 0.1, lam: float = 0.0) -> tuple[torch.Tensor, Metrics]:
+    """DPO-Positive (Pal et al. 2024, "Smaug", https://arxiv.org/abs/2402.13228): `sc`/`dpo` with a penalty that
+    stops the chosen answer's likelihood from falling below the reference's.
+
+    .. math::
+
+        L = \\mathrm{mean}_x \\frac{1}{K} \\sum_{i=1}^{K}
+            -\\log \\sigma\\big(\\beta\\,(r(y^*) - r(y_i^-) - \\lambda \\max(0, -r(y^*)))\\big)
+
+    `max(0, −r(y*)) = max(0, log πref(y*|x) − log π(y*|x))` is zero while the policy gives the chosen at least the
+    reference's (summed) log-prob; below it, each nat the chosen loses costs λ nats of margin. λ = 0 is :func:`sc`
+    exactly. Summed log-probs and K negatives per group as in :func:`sc`; the metrics add `dpop_penalty`, the mean
+    of `max(0, −r(y*))`.
+    """
+    r_c, r_r, h = _pair_terms(policy_chosen, ref_chosen, policy_rejected, ref_rejected)
+    penalty = torch.clamp(-r_c, min=0.0)  # (B,)
+    logits = beta * (h - lam * penalty.unsqueeze(-1))
+    loss = -F.logsigmoid(logits).mean()
+    return loss, {**_metrics(beta, r_c, r_r, logits), "dpop_penalty": penalty.detach().float().mean().item()}
 
 
 def ipo(policy_chosen: torch.Tensor, ref_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -174,4 +199,127 @@ def d2o(policy_anchors: torch.Tensor, ref_anchors: torch.Tensor, policy_negative
     return loss, metrics
 
 
-LOSSES = {"dpo": dpo, "sc": sc, "ipo": ipo, "sr-dpo": sr_dpo, "sr-ipo": sr_ipo, "selm": selm, "d2o": d2o}
+# ----------------------------------------------------------------------------------------------- over a group
+
+@dataclass
+class Group:
+    """One step's summed log-probs in the objective's layout (train.py's docstring), each of shape (B, n):
+    `sft` [chosen]; `dpo`/`ipo`/`sc`/`sr-*` [chosen, rejected₁..K]; `selm` [chosen, rejected₁..K, y_ref];
+    `d2o` [anchor₁..K, negative₁..M]. `counts` are the responses' token counts (EOS included); `ref` the reference's
+    log-probs (None for `sft`); `policy_q`/`ref_q` the same responses after the quality prompt p ⊕ x (Sr-* only;
+    the policy's computed without gradient)."""
+
+    policy: torch.Tensor
+    counts: torch.Tensor
+    ref: torch.Tensor | None = None
+    policy_q: torch.Tensor | None = None
+    ref_q: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """The objectives' hyper-parameters (train resolves the paper defaults of beta/alpha)."""
+
+    beta: float = 0.1
+    alpha: float = 0.1
+    lam: float = 0.5
+    dpop_lambda: float = 0.0
+    sft_weight: float = 0.0
+    num_negatives: int = 1
+    num_anchors: int = 8
+
+
+def chosen_nll(g: Group) -> torch.Tensor:
+    """The SFT loss: mean token NLL of the chosen (column 0), Σ −logp / Σ tokens over the batch."""
+    return -g.policy[:, 0].sum() / g.counts[:, 0].sum().clamp(min=1)
+
+
+def _pairs(g: Group, p: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy chosen, ref chosen, policy rejected (B, K), ref rejected (B, K)) of a [chosen, rejected₁..K, …] group."""
+    k = p.num_negatives
+    assert g.ref is not None
+    return g.policy[:, 0], g.ref[:, 0], g.policy[:, 1:1 + k], g.ref[:, 1:1 + k]
+
+
+def _sc_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+    return dpop(*_pairs(g, p), beta=p.beta, lam=p.dpop_lambda) if p.dpop_lambda else sc(*_pairs(g, p), beta=p.beta)
+
+
+def _dpo_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+    return dpop(*_pairs(g, p), beta=p.beta, lam=p.dpop_lambda) if p.dpop_lambda else dpo(*_pairs(g, p), beta=p.beta)
+
+
+def _sr_group(fn: Callable[..., tuple[torch.Tensor, Metrics]]) -> Callable[[Group, Params], tuple[torch.Tensor,
+                                                                                                    Metrics]]:
+    def group_loss(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+        k = p.num_negatives
+        assert g.policy_q is not None and g.ref_q is not None
+        return fn(*_pairs(g, p), policy_chosen_q=g.policy_q[:, 0], policy_rejected_q=g.policy_q[:, 1:1 + k],
+                  ref_chosen_q=g.ref_q[:, 0], ref_rejected_q=g.ref_q[:, 1:1 + k], beta=p.beta, lam=p.lam)
+    return group_loss
+
+
+def _selm_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+    assert g.ref is not None
+    return selm(*_pairs(g, p), policy_yref=g.policy[:, -1], ref_yref=g.ref[:, -1], beta=p.beta, alpha=p.alpha)
+
+
+def _d2o_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+    a = p.num_anchors
+    assert g.ref is not None
+    return d2o(g.policy[:, :a], g.ref[:, :a], g.policy[:, a:], g.ref[:, a:], beta=p.beta, alpha=p.alpha)
+
+
+def _chosen_and_rejected(p: Params) -> dict[str, slice]:
+    return {"chosen": slice(0, 1), "rejected": slice(1, 1 + p.num_negatives)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One row of the dispatch table: the loss over a group, which layout columns are logged as which side
+    (`logps/SIDE`, `logratio/SIDE`, `logratio/SIDE_per_token`), and whether `--sft-weight` adds the chosen's NLL."""
+
+    loss: Callable[[Group, Params], tuple[torch.Tensor, Metrics]]
+    sides: Callable[[Params], dict[str, slice]] = _chosen_and_rejected
+    sft_term: bool = True
+
+
+LOSSES: dict[str, Objective] = {
+    "sft": Objective(lambda g, p: (chosen_nll(g), {}), sides=lambda p: {"chosen": slice(0, 1)}, sft_term=False),
+    "dpo": Objective(_dpo_group),
+    "ipo": Objective(lambda g, p: ipo(*_pairs(g, p), beta=p.beta)),
+    "sc": Objective(_sc_group),
+    "sr-dpo": Objective(_sr_group(sr_dpo)),
+    "sr-ipo": Objective(_sr_group(sr_ipo)),
+    "selm": Objective(_selm_group),
+    "d2o": Objective(_d2o_group, sides=lambda p: {"anchors": slice(0, p.num_anchors),
+                                                  "rejected": slice(p.num_anchors, None)}, sft_term=False),
+}
+"""Every objective of SPEC §1, by its `--objective` name: the only place `train` looks a loss up."""
+
+
+def likelihood_metrics(g: Group, sides: dict[str, slice]) -> Metrics:
+    """Per side (e.g. chosen, rejected): the policy's summed log-prob `logps/SIDE`, and with a reference its log-ratio
+    `logratio/SIDE` = logp(π) − logp(πref) and `logratio/SIDE_per_token` (divided by the response's token count),
+    each a mean over the batch and the side's columns. A falling `logratio/chosen` is likelihood displacement."""
+    out: Metrics = {}
+    with torch.no_grad():
+        for side, cols in sides.items():
+            lp = g.policy[:, cols].detach().double()
+            out[f"logps/{side}"] = lp.mean().item()
+            if g.ref is not None:
+                ratio = lp - g.ref[:, cols].double()
+                out[f"logratio/{side}"] = ratio.mean().item()
+                out[f"logratio/{side}_per_token"] = (ratio / g.counts[:, cols].clamp(min=1)).mean().item()
+    return out
+
+
+def group_loss(objective: str, g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+    """The objective's loss over a group (plus `sft_weight` × the chosen's NLL where the layout has a chosen), and
+    its metrics: the loss's own, the likelihood metrics and `sft_nll`."""
+    row = LOSSES[objective]
+    loss, metrics = row.loss(g, p)
+    nll = chosen_nll(g)
+    if row.sft_term and p.sft_weight:
+        loss = loss + p.sft_weight * nll
+    return loss, {**metrics, **likelihood_metrics(g, row.sides(p)), "sft_nll": nll.detach().item()}

@@ -37,8 +37,18 @@ from negalign.packing import num_model_tokens, pack, pad, sequence_logps
 from negalign.selection import take_first_k
 from negalign.store import StageOutput, open_stage, read_manifest
 
-PREFERENCE = ("dpo", "ipo", "sc", "sr-dpo", "sr-ipo", "selm")
+DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on the DPO logit
 PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
+PREFERENCE_WARMUP_RATIO = 0.1  # the warm-up of common DPO recipes (issue 19: LoRA-DPO ~5e-6 with 10 % warmup)
+
+DISPLACEMENT_THRESHOLD = -0.5
+"""Nats per token. `train` warns of likelihood displacement when the chosen answer's mean log-ratio to the reference,
+`logratio/chosen_per_token` = (logp(π, y*) − logp(πref, y*)) / |y*|, over the last 10 % of the logged steps is below
+this. A heuristic, chosen so: at −0.5 the chosen's tokens keep on average e^−0.5 ≈ 61 % of their reference
+probability, so a 5-token answer keeps e^−2.5 ≈ 8 % of its sequence probability and greedy decoding may no
+longer give it back; and it is far outside the drift that a healthy DPO run needs, since the paper's ~200-token
+answers reach a comfortable margin with about 0.07 nats per token in all. A small fall of the chosen is common in
+DPO (arXiv 2402.13228, 2410.08847) and does not trigger it."""
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -48,6 +58,34 @@ def resolved_hparams(cfg: TrainConfig) -> dict[str, Any]:
     d = PAPER_DEFAULTS.get(cfg.objective, {})
     return {"beta": cfg.beta if cfg.beta is not None else d.get("beta", 0.1),
             "alpha": cfg.alpha if cfg.alpha is not None else d.get("alpha", 0.1)}
+
+
+def warmup(cfg: TrainConfig) -> tuple[int, float]:
+    """(warmup steps, warmup ratio) as trained: `--warmup-steps` when given, else `--warmup-ratio`, whose default
+    is 0.1 for the preference objectives (a cold start at the full rate moves the policy off the reference before the
+    margins mean anything) and 0 for sft (its behaviour before the option existed)."""
+    if cfg.warmup_steps:
+        return cfg.warmup_steps, 0.0
+    if cfg.warmup_ratio is not None:
+        return 0, cfg.warmup_ratio
+    return 0, 0.0 if cfg.objective == "sft" else PREFERENCE_WARMUP_RATIO
+
+
+def displacement_warning(logged: list[dict[str, Any]], threshold: float = DISPLACEMENT_THRESHOLD,
+                         tail: float = 0.1) -> tuple[float | None, str | None]:
+    """(the chosen's mean `logratio/chosen_per_token` over the last `tail` share of the logged steps, at least one;
+    the one-line warning when it is below `threshold`, else None). (None, None) when no step logged it (sft, d2o)."""
+    values = [r["logratio/chosen_per_token"] for r in logged if "logratio/chosen_per_token" in r]
+    if not values:
+        return None, None
+    n = max(1, math.ceil(len(values) * tail))
+    mean = sum(values[-n:]) / n
+    if mean >= threshold:
+        return mean, None
+    return mean, (f"train: warning: likelihood displacement: the chosen answer's log-ratio to the reference averaged "
+                  f"{mean:.2f} nats/token over the last {n} logged step(s) (threshold {threshold}), so the model "
+                  "now gives its targets less probability than the starting model did; add --sft-weight (e.g. 1) "
+                  "or --dpop-lambda, or lower --lr")
 
 
 def default_name(cfg: TrainConfig) -> str:
@@ -87,6 +125,8 @@ def truncate(prompt: list[int], responses: list[list[int]], max_length: int) -> 
 def _layout(cfg: TrainConfig, row: dict[str, Any]) -> tuple[list[str] | None, str | None]:
     """The response texts of one input row in the objective's layout, or (None, skip reason)."""
     k = cfg.num_negatives
+    if cfg.min_negatives and len(row.get("rejected") or []) < cfg.min_negatives:
+        return None, "few_negatives"  # one fixed prompt set for every K, objective and --rejected
     if cfg.objective == "sft":
         target = row.get("chosen", row.get("target"))
         return ([target], None) if target is not None else (None, "no_target")
@@ -242,13 +282,13 @@ class GroupCollator:
 
 
 class GroupTrainer(Trainer):
-    """`Trainer` whose loss is a `losses.py` objective on grouped, prompt-shared log-probs."""
+    """`Trainer` whose loss is the `losses.LOSSES` entry of the objective, over a group of prompt-shared log-probs."""
 
-    def __init__(self, *args, objective: str, hparams: dict[str, float], num_negatives: int, num_anchors: int,
-                 lam: float, sft_weight: float, **kwargs):
+    def __init__(self, *args, objective: str, params: losses.Params, **kwargs):
         super().__init__(*args, **kwargs)
-        self.objective, self.hparams, self.k, self.num_anchors = objective, hparams, num_negatives, num_anchors
-        self.lam, self.sft_weight = lam, sft_weight
+        if objective not in losses.LOSSES:
+            raise UsageError(f"unknown objective {objective!r}")
+        self.objective, self.params = objective, params
         self.loss_is_scaled_for_ga = False  # our loss is a mean per step: Trainer divides by grad-accum steps
         self._metrics: dict[str, list[float]] = {}
         self.tokens_seen = 0
@@ -262,38 +302,15 @@ class GroupTrainer(Trainer):
         self.tokens_seen += num_model_tokens(inputs["main"])
         n = logps.shape[0]
         b = inputs["ref"].shape[0] if "ref" in inputs else n
-        lp, cnt = logps.view(b, n // b), counts.view(b, n // b)
-        beta, alpha, k = self.hparams["beta"], self.hparams["alpha"], self.k
-        sft = -lp[:, 0].sum() / cnt[:, 0].sum().clamp(min=1)
-        metrics: dict[str, float] = {}
-        if self.objective == "sft":
-            loss = sft
-        else:
-            ref = inputs["ref"].to(lp.dtype)
-            if self.objective in ("dpo", "ipo", "sc"):
-                fn = {"dpo": losses.sc, "ipo": losses.ipo, "sc": losses.sc}[self.objective]
-                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], beta=beta)
-            elif self.objective in ("sr-dpo", "sr-ipo"):
-                with torch.no_grad():
-                    lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
-                self.tokens_seen += num_model_tokens(inputs["q"])
-                lq = lq.view(b, n // b)
-                rq = inputs["ref_q"].to(lp.dtype)
-                fn = losses.sr_dpo if self.objective == "sr-dpo" else losses.sr_ipo
-                loss, metrics = fn(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k], policy_chosen_q=lq[:, 0],
-                                   policy_rejected_q=lq[:, 1:1 + k], ref_chosen_q=rq[:, 0],
-                                   ref_rejected_q=rq[:, 1:1 + k], beta=beta, lam=self.lam)
-            elif self.objective == "selm":
-                loss, metrics = losses.selm(lp[:, 0], ref[:, 0], lp[:, 1:1 + k], ref[:, 1:1 + k],
-                                            policy_yref=lp[:, -1], ref_yref=ref[:, -1], beta=beta, alpha=alpha)
-            elif self.objective == "d2o":
-                a = self.num_anchors
-                loss, metrics = losses.d2o(lp[:, :a], ref[:, :a], lp[:, a:], ref[:, a:], beta=beta, alpha=alpha)
-            else:
-                raise UsageError(f"unknown objective {self.objective!r}")
-            if self.sft_weight and self.objective != "d2o":
-                loss = loss + self.sft_weight * sft
-        metrics["sft_nll"] = sft.detach().item()
+        group = losses.Group(policy=logps.view(b, n // b), counts=counts.view(b, n // b))
+        if "ref" in inputs:
+            group.ref = inputs["ref"].to(logps.dtype)
+        if "q" in inputs:  # Sr-*: the policy on p ⊕ x, without gradient (Δ is a stop-gradient)
+            with torch.no_grad():
+                lq, _ = sequence_logps(self.accelerator.unwrap_model(model), inputs["q"])
+            self.tokens_seen += num_model_tokens(inputs["q"])
+            group.policy_q, group.ref_q = lq.view(b, n // b), inputs["ref_q"].to(logps.dtype)
+        loss, metrics = losses.group_loss(self.objective, group, self.params)
         metrics["num_tokens"] = float(self.tokens_seen)
         self._record(metrics)
         return loss
@@ -396,6 +413,14 @@ def stage_config(cfg: TrainConfig, hparams: dict[str, Any], model_fp: str, templ
             "rejected", "bf16")
     out = {k: getattr(cfg, k) for k in keys}
     out.update(hparams)
+    if cfg.dpop_lambda:  # only when on: runs without DPOP keep their fingerprints
+        out["dpop_lambda"] = cfg.dpop_lambda
+    if cfg.min_negatives:  # likewise
+        out["min_negatives"] = cfg.min_negatives
+    steps, ratio = warmup(cfg)
+    out["warmup_steps"] = steps
+    if ratio:  # only when non-zero: sft runs keep their fingerprints (preference runs default to 0.1: they change)
+        out["warmup_ratio"] = ratio
     if cfg.objective == "d2o":
         out["num_anchors"] = cfg.num_anchors
     if cfg.objective in ("sr-dpo", "sr-ipo"):
@@ -417,7 +442,9 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, device: str) -> Trai
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler,
+        # transformers 5.19 has no warmup_ratio: a warmup_steps value below 1 is the ratio of the total steps
+        warmup_steps=warmup(cfg)[0] or warmup(cfg)[1],
         weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
         data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -440,6 +467,11 @@ def run(cfg: TrainConfig) -> Path:
         hf_logging.disable_progress_bar()
     if cfg.objective == "dpo" and cfg.num_negatives != 1:
         raise UsageError("--objective dpo takes one rejected per prompt; use --objective sc for K > 1")
+    if cfg.dpop_lambda and cfg.objective not in DPOP_OBJECTIVES:
+        raise UsageError(f"--dpop-lambda applies to --objective {' or '.join(DPOP_OBJECTIVES)} (DPOP), not "
+                         f"{cfg.objective}")
+    if cfg.warmup_ratio is not None and cfg.warmup_ratio >= 1:
+        raise UsageError(f"--warmup-ratio must be below 1 (a share of the steps), got {cfg.warmup_ratio}")
     if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
@@ -534,9 +566,10 @@ def run(cfg: TrainConfig) -> Path:
 
     trainer = GroupTrainer(model=model, args=args, train_dataset=GroupDataset(items),
                            data_collator=GroupCollator(cfg.share_prompt, tokenizer.pad_token_id),
-                           processing_class=tokenizer, objective=cfg.objective, hparams=hparams,
-                           num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors, lam=cfg.lam,
-                           sft_weight=cfg.sft_weight)
+                           processing_class=tokenizer, objective=cfg.objective,
+                           params=losses.Params(beta=hparams["beta"], alpha=hparams["alpha"], lam=cfg.lam,
+                                                dpop_lambda=cfg.dpop_lambda, sft_weight=cfg.sft_weight,
+                                                num_negatives=cfg.num_negatives, num_anchors=cfg.num_anchors))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -571,7 +604,9 @@ def run(cfg: TrainConfig) -> Path:
     logged = [json.loads(ln) for ln in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     losses_seen = [r["loss"] for r in logged if "loss" in r]
     first_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    chosen_tail, warning = displacement_warning(logged)
     summary = {"groups": len(items), "skipped": skipped, "truncated_sequences": truncated, "steps": steps,
+               "chosen_logratio_per_token_last": chosen_tail, "likelihood_displacement": warning is not None,
                # the mean over every logged step, also across a --resume (the Trainer's covers this process only)
                "train_loss": sum(losses_seen) / len(losses_seen) if losses_seen else result.training_loss,
                "first_loss": losses_seen[0] if losses_seen else None,
@@ -585,6 +620,8 @@ def run(cfg: TrainConfig) -> Path:
     console.print(f"train: {steps} steps in {elapsed:.1f} s "
                   f"({summary['seconds_per_step']:.2f} s/step), loss {summary['first_loss']} → "
                   f"{summary['last_loss']}; model → {out_dir}")
+    if warning:
+        console.print(warning, markup=False)
     if not math.isfinite(result.training_loss):
         raise NegalignError(f"training loss is {result.training_loss}; lower --lr")
     return out_dir

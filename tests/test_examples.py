@@ -65,18 +65,37 @@ def test_example_plans(name: str) -> None:
 
 
 def test_self_contrast_experiment_has_the_issue_design() -> None:
-    by = {s.name: s for s in Pipeline(EXAMPLES / "self_contrast.yaml").steps}
-    assert by["sample"].cfg.num_samples >= 32
-    for k in (1, 8):
-        assert {by[f"sc-k{k}-s{s}"].cfg.seed for s in range(3)} == {0, 1, 2}
-    assert {by["sc-k2"].cfg.num_negatives, by["sc-k4"].cfg.num_negatives} == {2, 4}
-    control, sc = by["control-s0"].cfg, by["sc-k8-s0"].cfg
-    assert control.objective == "sft" and control.max_steps == sc.max_steps and control.model == sc.model
+    """Issue 19's redesign: SFT then N = 32 samples on the SFT prompts, LR sweeps on a validation split, one fixed
+    prompt set for K = 1..8, the guards, 3 seeds for the control and the best sc arm, hypotheses in the header."""
+    path = EXAMPLES / "self_contrast.yaml"
+    header = path.read_text().split("\nrun:")[0]
+    assert all(f"H{i}" in header for i in range(1, 5))
+    by = {s.name: s for s in Pipeline(path).steps}
+    assert by["sample"].cfg.num_samples >= 32 and by["sample"].cfg.prompts == by["sft"].cfg.pairs  # trained prompts
+    val, test = by["val"].cfg, by["test"].cfg
+    assert val.start == by["sft-prompts"].cfg.count and test.count is None  # validation after the SFT prompts
+    assert len(pq.read_table(EXAMPLES / "data" / "tasks_test.parquet")) >= 400
+    for arm in ("control", "sc-k8"):
+        sweep = [s for n, s in by.items() if n.startswith(f"val-{arm}-lr")]
+        assert len({s.cfg.learning_rate for s in sweep}) >= 3
+        assert all(by[f"eval-{s.name}"].cfg.prompts == by["eval-val-sc-k8-lr3e-5"].cfg.prompts != by[
+            "eval-sc-k8"].cfg.prompts for s in sweep)  # the sweep is scored on validation, never on the test
+    arms = [f"sc-k{k}" for k in (1, 2, 4, 8)] + ["control-s0", "sc-k8-sft", "sc-k8-dpop", "sc-k8-verified",
+                                                  "spin", "dpo-given"]
+    control, k8 = by["control-s0"].cfg, by["sc-k8"].cfg
+    for name in arms:  # one fixed prompt set (or the same rule on the arm's own negatives), same steps and start
+        cfg = by[name].cfg
+        assert cfg.min_negatives == 8 and cfg.max_steps == k8.max_steps and cfg.model == k8.model, name
+        assert cfg.batch_size == k8.batch_size and cfg.lora and f"eval-{name}" in by, name
+    assert control.objective == "sft" and control.pairs == k8.pairs
+    assert {by[f"control-s{s}"].cfg.seed for s in range(3)} == {0, 1, 2}
+    assert {by[f"sc-best-s{s}"].cfg.seed for s in (1, 2)} == {1, 2}
+    assert by["sc-k8-sft"].cfg.sft_weight > 0 and by["sc-k8-dpop"].cfg.dpop_lambda > 0
+    assert by["sc-k8-verified"].cfg.pairs.endswith("pairs-verified") and by["filter-verified"].cfg.checkers
     assert by["spin"].cfg.pairs.endswith("pairs-random") and by["filter-random"].cfg.strategy == "random"
-    assert by["dpo-given"].cfg.rejected == "given" and by["sr-dpo-k8"].cfg.objective == "sr-dpo"
-    assert by["sc-sft-k8"].cfg.sft_weight > 0
-    assert all(by[n].cfg.lora for n in ("sc-k1-s0", "control-s1", "spin", "dpo-given"))
-    assert len(pq.read_table(EXAMPLES / "data" / "tasks_test.parquet")) >= 400 and by["test"].cfg.count is None
+    assert by["dpo-given"].cfg.rejected == "given"
+    for name in ("val-sc-k8-sft", "val-sc-k8-dpop", "val-sc-k8-verified"):
+        assert by[name].cfg.prompts == by["eval-val-sc-k8-lr3e-5"].cfg.prompts
 
 
 def _run_tiny(tmp_path: Path, name: str, *sets: str, only: str | None = None) -> str:
@@ -125,11 +144,11 @@ def test_sr_dpo_example_runs_tiny(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_self_contrast_example_runs_tiny_on_one_path(tmp_path: Path) -> None:
-    """The full experiment is 15 trainings; at tiny size, one path through it: SFT, the data and sc-k1-s0."""
-    path = "prepare*,test,sft-prompts,sc-prompts,sft,sample,embed,filter,pair,sc-k1-s0,eval-sc-k1-s0"
-    _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test.count=3",
-              only=path)
-    assert _evaluated(tmp_path) == {"sc-k1-s0"}
+    """The full experiment is ~20 trainings; at tiny size, one path through it: SFT, the data and sc-k1."""
+    path = "prepare*,test,sft-prompts,val,sft,sample,embed,filter,pair,sc-k1,eval-sc-k1"
+    _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "val_prompts=3", "n_samples=4", "k_set=1",
+              "test.count=3", only=path)
+    assert _evaluated(tmp_path) == {"sc-k1"}
 
 
 @pytest.mark.slow

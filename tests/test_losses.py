@@ -50,6 +50,45 @@ def test_dpo_by_hand():
         losses.dpo(PC, RC, PR, RR, beta=0.5)
 
 
+def test_dpop_by_hand():
+    """Per negative i: β·(r* − rᵢ⁻ − λ·max(0, −r*)), written out with floats; r* = policy − ref summed log-probs."""
+    pc = torch.tensor([-10.0, -13.0, -7.0], dtype=torch.float64)
+    rc = torch.tensor([-11.0, -12.5, -7.0], dtype=torch.float64)  # r* = 1 (above ref), -0.5 (below), 0 (equal)
+    pr = torch.tensor([[-20.0, -15.0], [-9.0, -30.0], [-4.0, -8.0]], dtype=torch.float64)
+    rr = torch.tensor([[-19.0, -16.0], [-10.0, -28.0], [-6.0, -8.5]], dtype=torch.float64)
+    beta, lam = 0.1, 3.0
+    logits, penalties = [], []
+    for b in range(3):
+        r_star = pc[b].item() - rc[b].item()
+        penalties.append(max(0.0, -r_star))
+        for i in range(2):
+            r_neg = pr[b, i].item() - rr[b, i].item()
+            logits.append(beta * (r_star - r_neg - lam * max(0.0, -r_star)))
+    loss, m = losses.dpop(pc, rc, pr, rr, beta=beta, lam=lam)
+    assert loss.item() == pytest.approx(sum(nls(z) for z in logits) / 6, abs=1e-6)
+    assert m["dpop_penalty"] == pytest.approx(sum(penalties) / 3, abs=1e-6)
+    assert m["rewards/accuracy"] == pytest.approx(sum(z > 0 for z in logits) / 6)
+    assert m["rewards/chosen"] == pytest.approx(beta * (1 - 0.5 + 0) / 3)  # rewards are β·r, not penalised
+    # The penalty pulls the chosen up once it is below the reference (row 1), and not above it (row 0).
+    pc_ = pc.clone().requires_grad_()
+    g = torch.autograd.grad(losses.dpop(pc_, rc, pr, rr, beta=beta, lam=lam)[0], pc_)[0]
+    g0 = torch.autograd.grad(losses.sc(pc_, rc, pr, rr, beta=beta)[0], pc_)[0]
+    assert g[1] < g0[1] < 0 and g[0] == pytest.approx(g0[0].item(), abs=1e-12)
+    for t in m.values():
+        assert isinstance(t, float)  # detached numbers for logging
+
+
+def test_dpop_lambda0_equals_sc_and_k1_equals_dpo():
+    B, K = 4, 3
+    pc, rc, pr, rr = rand(B, seed=50), rand(B, seed=51), rand(B, K, seed=52), rand(B, K, seed=53)
+    a, ma = losses.dpop(pc, rc, pr, rr, beta=0.1, lam=0.0)
+    b, mb = losses.sc(pc, rc, pr, rr, beta=0.1)
+    assert a.item() == b.item()
+    assert {k: v for k, v in ma.items() if k != "dpop_penalty"} == mb
+    c, _ = losses.dpop(pc, rc, pr[:, :1], rr[:, :1], beta=0.1, lam=0.0)
+    assert c.item() == pytest.approx(losses.dpo(pc, rc, pr[:, 0], rr[:, 0], beta=0.1)[0].item(), abs=1e-12)
+
+
 def test_ipo_by_hand():
     loss, _ = losses.ipo(PC, RC, PR, RR, beta=0.25)  # 1/(2β) = 2
     want = sum((h - 2.0) ** 2 for row in H for h in row) / 4
@@ -209,3 +248,51 @@ def test_dpo_equals_trl_sigmoid_and_ipo_equals_trl_ipo_after_scaling():
         # TRL's IPO divides each log-ratio by its token count: feed ours the per-token log-probs to compare.
         ours_ipo = losses.ipo(pc / n_c, rc / n_c, pr / n_r, rr / n_r, beta=beta)[0].item()
         assert ours_ipo == pytest.approx(_trl_loss("ipo", beta, pc, rc, pr, rr, n_c, n_r), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ the dispatch table
+def test_table_has_every_objective_and_group_loss_equals_the_functions():
+    from negalign.config import OBJECTIVES
+
+    assert set(losses.LOSSES) == set(OBJECTIVES)
+    B, K, A = 3, 2, 2
+    pol, ref, cnt = rand(B, 1 + K + 1, seed=60), rand(B, 1 + K + 1, seed=61), torch.tensor([[2, 3, 4, 5]] * B)
+    g = losses.Group(policy=pol, counts=cnt, ref=ref, policy_q=rand(B, 4, seed=62), ref_q=rand(B, 4, seed=63))
+    p = losses.Params(beta=0.2, alpha=0.05, lam=0.3, num_negatives=K, num_anchors=A)
+    pc, rc, pr, rr = pol[:, 0], ref[:, 0], pol[:, 1:1 + K], ref[:, 1:1 + K]
+    q = dict(policy_chosen_q=g.policy_q[:, 0], policy_rejected_q=g.policy_q[:, 1:1 + K], ref_chosen_q=g.ref_q[:, 0],
+             ref_rejected_q=g.ref_q[:, 1:1 + K])
+    want = {"sc": losses.sc(pc, rc, pr, rr, beta=0.2), "ipo": losses.ipo(pc, rc, pr, rr, beta=0.2),
+            "sr-dpo": losses.sr_dpo(pc, rc, pr, rr, **q, beta=0.2, lam=0.3),
+            "sr-ipo": losses.sr_ipo(pc, rc, pr, rr, **q, beta=0.2, lam=0.3),
+            "selm": losses.selm(pc, rc, pr, rr, policy_yref=pol[:, -1], ref_yref=ref[:, -1], beta=0.2, alpha=0.05),
+            "d2o": losses.d2o(pol[:, :A], ref[:, :A], pol[:, A:], ref[:, A:], beta=0.2, alpha=0.05)}
+    nll = -pol[:, 0].sum() / cnt[:, 0].sum()
+    for name, (loss, metrics) in want.items():
+        got, m = losses.group_loss(name, g, p)
+        assert got.item() == loss.item(), name
+        assert {k: m[k] for k in metrics} == metrics and m["sft_nll"] == pytest.approx(nll.item())
+    assert losses.group_loss("sft", g, p)[0].item() == pytest.approx(nll.item())
+    one = losses.Params(beta=0.2, num_negatives=1)
+    assert losses.group_loss("dpo", g, one)[0].item() == losses.dpo(pc, rc, pol[:, 1], ref[:, 1], beta=0.2)[0].item()
+    # --sft-weight adds W × the chosen's NLL where the layout has a chosen (not d2o), --dpop-lambda switches to DPOP
+    w = losses.Params(beta=0.2, sft_weight=0.5, dpop_lambda=2.0, num_negatives=K, num_anchors=A)
+    assert losses.group_loss("sc", g, w)[0].item() == pytest.approx(
+        losses.dpop(pc, rc, pr, rr, beta=0.2, lam=2.0)[0].item() + 0.5 * nll.item(), abs=1e-12)
+    assert losses.group_loss("d2o", g, w)[0].item() == losses.d2o(pol[:, :A], ref[:, :A], pol[:, A:], ref[:, A:],
+                                                                  beta=0.2, alpha=0.1)[0].item()
+
+
+def test_likelihood_metrics_by_hand():
+    pol = torch.tensor([[-4.0, -10.0, -6.0], [-2.0, -8.0, -12.0]], dtype=torch.float64)
+    ref = torch.tensor([[-5.0, -9.0, -9.0], [-3.0, -8.0, -10.0]], dtype=torch.float64)
+    cnt = torch.tensor([[2, 5, 3], [4, 4, 2]])
+    m = losses.group_loss("sc", losses.Group(policy=pol, counts=cnt, ref=ref), losses.Params(num_negatives=2))[1]
+    assert m["logps/chosen"] == pytest.approx(-3.0)
+    assert m["logps/rejected"] == pytest.approx((-10 - 6 - 8 - 12) / 4)
+    assert m["logratio/chosen"] == pytest.approx(1.0)
+    assert m["logratio/chosen_per_token"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert m["logratio/rejected"] == pytest.approx((-1 + 3 + 0 - 2) / 4)
+    assert m["logratio/rejected_per_token"] == pytest.approx((-1 / 5 + 3 / 3 + 0 / 4 - 2 / 2) / 4)
+    sft = losses.group_loss("sft", losses.Group(policy=pol[:, :1], counts=cnt[:, :1]), losses.Params())[1]
+    assert sft["logps/chosen"] == pytest.approx(-3.0) and not any(k.startswith("logratio") for k in sft)

@@ -79,6 +79,22 @@ def test_take_first_k_skips_and_counts():
         take_first_k([["a"]], 0)
 
 
+def test_min_negatives_fixes_one_prompt_set_for_every_k_and_objective():
+    from negalign.train import _layout
+
+    rows = [{"chosen": "a", "rejected": ["x"] * n, "negatives": ["g1", "g2"], "messages": [{}]} for n in (1, 4, 8)]
+
+    def kept(**kw):
+        cfg = validate(TrainConfig(**kw))
+        return [i for i, r in enumerate(rows) if _layout(cfg, r)[0] is not None]
+
+    assert kept(num_negatives=1) == [0, 1, 2] and kept(num_negatives=4) == [1, 2]
+    for kw in ({"num_negatives": 1}, {"num_negatives": 4}, {"objective": "sft"}, {"objective": "dpo"},
+               {"objective": "dpo", "rejected": "given"}):
+        assert kept(min_negatives=4, **kw) == [1, 2], kw  # the same groups whatever K, objective, --rejected
+    assert _layout(validate(TrainConfig(min_negatives=8)), rows[1]) == (None, "few_negatives")
+
+
 def test_template_parity_refused_unless_allowed(tmp_path):
     from negalign.store import open_stage
     from negalign.train import check_template
@@ -91,6 +107,68 @@ def test_template_parity_refused_unless_allowed(tmp_path):
     cfg.allow_template_mismatch = True
     assert check_template(cfg, stage, "fedcba9876543210") == "0123456789abcdef"
     assert check_template(validate(TrainConfig(run=str(run))), stage, "0123456789abcdef") == "0123456789abcdef"
+
+
+@pytest.mark.parametrize("objective", ["ipo", "sr-dpo", "selm", "d2o", "sft"])
+def test_dpop_lambda_is_refused_outside_sc_and_dpo(tmp_path, objective):
+    from negalign.config import resolve
+    from negalign.train import run
+
+    cfg = resolve(TrainConfig, "train", {"train": {"dpop_lambda": 5}}, {"objective": objective,
+                                                                        "run": str(tmp_path / "run")})
+    assert cfg.dpop_lambda == 5.0  # the YAML key
+    with pytest.raises(UsageError, match="--dpop-lambda applies to --objective sc or dpo") as e:
+        run(cfg)
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_displacement_warning_fires_below_the_threshold_only():
+    from negalign.train import DISPLACEMENT_THRESHOLD, displacement_warning
+
+    def rows(values):
+        return [{"step": i + 1, "loss": 0.5, "logratio/chosen_per_token": v} for i, v in enumerate(values)]
+
+    assert DISPLACEMENT_THRESHOLD == -0.5
+    # 20 steps: the last 10 % (2 steps) decide, not the early ones
+    mean, warning = displacement_warning(rows([0.0] * 18 + [-0.6, -0.8]))
+    assert mean == pytest.approx(-0.7) and warning is not None and "\n" not in warning
+    assert "likelihood displacement" in warning and "--sft-weight" in warning and "--dpop-lambda" in warning
+    assert displacement_warning(rows([-2.0] * 18 + [-0.1, -0.2]))[1] is None  # recovered by the end
+    assert displacement_warning(rows([-0.49]))[1] is None and displacement_warning(rows([-0.51]))[1]
+    assert displacement_warning(rows([-1.0]), threshold=-2.0)[1] is None
+    assert displacement_warning([{"step": 1, "loss": 1.0, "logps/chosen": -3.0}]) == (None, None)  # sft: no ratio
+
+
+def test_warmup_defaults_and_fingerprint_keys(tmp_path):
+    from negalign.train import stage_config, training_arguments
+
+    def cfg(**kw):
+        return validate(TrainConfig(run=str(tmp_path), **kw))
+
+    def args(c):
+        return training_arguments(c, tmp_path / "ckpt", "cpu")
+
+    sft, sc = cfg(objective="sft"), cfg(objective="sc")
+    assert args(sft).warmup_steps == 0 and args(sft).get_warmup_steps(20) == 0  # sft: as before
+    assert args(sc).warmup_steps == pytest.approx(0.1) and args(sc).get_warmup_steps(20) == 2  # preference: 10 %
+    assert args(cfg(objective="sc", warmup_ratio=0.0)).get_warmup_steps(20) == 0
+    assert args(cfg(objective="sft", warmup_ratio=0.25)).get_warmup_steps(20) == 5
+    assert args(cfg(objective="sc", warmup_steps=3)).get_warmup_steps(20) == 3  # steps replace the ratio
+    c = cfg(objective="dpo", lr_scheduler="cosine")
+    assert args(c).lr_scheduler_type.value == "cosine"
+    hp = {"beta": 0.1, "alpha": 0.1}
+    before = {"objective", "num_negatives", "lam", "seed", "learning_rate", "lr_scheduler", "warmup_steps",
+              "weight_decay", "epochs", "max_steps", "batch_size", "grad_accum", "max_length", "lora", "sft_weight",
+              "rejected", "bf16", "beta", "alpha", "base_model", "model_fingerprint", "chat_template_sha"}
+    # sft keeps its keys (so its fingerprint); warmup_ratio / dpop_lambda appear only when they are on
+    assert set(stage_config(sft, hp, "m", "t", "m")) == before
+    assert stage_config(sc, hp, "m", "t", "m")["warmup_ratio"] == 0.1
+    assert set(stage_config(cfg(objective="sc", warmup_ratio=0.0), hp, "m", "t", "m")) == before
+    assert stage_config(cfg(objective="sc", dpop_lambda=2.0), hp, "m", "t", "m")["dpop_lambda"] == 2.0
+    assert stage_config(cfg(objective="sft", min_negatives=8), hp, "m", "t", "m")["min_negatives"] == 8
+    with pytest.raises(UsageError, match="warmup_ratio"):
+        validate(TrainConfig(warmup_ratio=1.5))
 
 
 # ----------------------------------------------------------------------------------------------- prompt sharing
@@ -152,6 +230,8 @@ def test_sc_steps_lower_the_batch_loss_and_the_folder_loads(tiny_run):
     assert manifest["config"]["objective"] == "sc" and manifest["config"]["num_negatives"] == 4
     assert manifest["config"]["beta"] == 0.1 and manifest["config"]["model_fingerprint"]
     assert manifest["summary"]["steps"] == 3 and not list(out.parent.glob(".sc-steps.checkpoints-*"))
+    assert "likelihood displacement" not in proc.stderr and not manifest["summary"]["likelihood_displacement"]
+    assert manifest["summary"]["chosen_logratio_per_token_last"] > -0.5
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -173,6 +253,7 @@ def test_sc_steps_lower_the_batch_loss_and_the_folder_loads(tiny_run):
     ("sft", ["--pairs", "PROMPTS"]), ("dpo", []), ("ipo", ["--num-negatives", "2"]), ("sc", ["--num-negatives", "2"]),
     ("sr-dpo", ["--num-negatives", "2"]), ("sr-ipo", []), ("selm", ["--num-negatives", "2"]),
     ("d2o", ["--num-anchors", "3", "--num-negatives", "2"]), ("dpo", ["--rejected", "given", "--sft-weight", "0.5"]),
+    ("sc", ["--num-negatives", "2", "--dpop-lambda", "5"]),
 ])
 def test_every_objective_runs_end_to_end(tiny_run, objective, extra):
     extra = [str(tiny_run / "prompts") if e == "PROMPTS" else e for e in extra]
@@ -182,16 +263,41 @@ def test_every_objective_runs_end_to_end(tiny_run, objective, extra):
     assert read_manifest(out)["status"] == "complete", proc.stderr
     rows = [m for m in metrics(out) if "loss" in m]
     assert len(rows) == 2 and all(m["loss"] == m["loss"] for m in rows)  # finite, not NaN
+    chosen = "anchors" if objective == "d2o" else "chosen"
+    assert all(isinstance(m[f"logps/{chosen}"], float) and m[f"logps/{chosen}"] < 0 for m in rows)  # every step
     if objective != "sft":
         assert "rewards/margin" in rows[0]
         assert abs(rows[0]["rewards/chosen"]) < 1e-3  # step 1: policy == cached reference
+        for side in (chosen, "rejected"):
+            assert all({f"logps/{side}", f"logratio/{side}", f"logratio/{side}_per_token"} <= set(m) for m in rows)
+            assert abs(rows[0][f"logratio/{side}"]) < 1e-3  # step 1: policy == reference
+    config = read_manifest(out)["config"]
+    assert config.get("dpop_lambda") == (5.0 if "--dpop-lambda" in extra else None)  # only when on
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_a_run_forced_to_displace_warns_once(tiny_run):
+    """Forced displacement: the reference is the start model fine-tuned hard on the chosen answers, so the policy
+    (the start model, at a negligible rate) gives its chosen answers far less probability than the reference does.
+    (A high rate alone does not do it here: at lr 1e-3, sc *raised* these short chosen answers, +3.5 nats/token.)"""
+    train(tiny_run, "--objective", "sft", "--pairs", str(tiny_run / "prompts"), "--batch-size", "3", "--epochs", "3",
+          "--lr", "1e-4", "--name", "sft-hard", check=True)
+    proc = train(tiny_run, "--objective", "sc", "--num-negatives", "2", "--batch-size", "3", "--max-steps", "2",
+                 "--lr", "1e-9", "--ref-model", str(tiny_run / "models" / "sft-hard"), "--name", "sc-displaced")
+    out = tiny_run / "models" / "sc-displaced"
+    rows = [m for m in metrics(out) if "loss" in m]
+    assert len(rows) == 2 and all("logps/chosen" in m for m in rows), proc.stderr
+    assert rows[-1]["logratio/chosen_per_token"] < -0.5, rows[-1]
+    lines = [ln for ln in proc.stderr.splitlines() if "likelihood displacement" in ln]
+    assert len(lines) == 1 and "--sft-weight" in lines[0] and "--dpop-lambda" in lines[0], proc.stderr
+    assert read_manifest(out)["summary"]["likelihood_displacement"] is True
 
 
 @pytest.mark.slow
 def test_lora_merges_into_a_plain_folder(tiny_run):
     proc = train(tiny_run, "--objective", "sc", "--num-negatives", "2", "--max-steps", "1", "--lora", "--lr", "1e-3",
-                 "--name", "sc-lora")
+                 "--warmup-ratio", "0", "--name", "sc-lora")  # no warm-up: its first step would run at lr 0
     out = tiny_run / "models" / "sc-lora"
     assert read_manifest(out)["config"]["lora"] is True, proc.stderr
     assert not (out / "adapter_config.json").exists()
