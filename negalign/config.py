@@ -198,11 +198,6 @@ class TrainConfig(Common):
                                       "model (e.g. iterative rounds anchored at round 0): smollm2-135m or a local "
                                       "HF folder with the same tokenizer. [default: --model]")
     name: str | None = opt(None, "Output name under RUN/models/. [default: the objective, plus -kK for K > 1]")
-    pairs: str | None = opt(None, "Input folder: a pair output, or (sft only) a prompts output whose targets are "
-                                  "the responses. [default: RUN/pairs; sft falls back to RUN/prompts]")
-    samples: str | None = opt(None, "Samples folder whose recorded chat template is checked against the policy's. "
-                                    "[default: RUN/samples]")
-    out: str | None = opt(None, "Output model folder. [default: RUN/models/NAME]")
     ref_logps: str | None = opt(None, "Reference log-prob cache, shared by runs and objectives. "
                                       "[default: RUN/ref_logps]")
     num_negatives: int = opt(1, "K: the first K stored negatives of each group (d2o: of the given negatives); "
@@ -508,9 +503,3 @@ def validate(cfg: Any, source: str = "config") -> Any:
 
 def run_path(cfg: Common, *parts: str) -> Path:
     return Path(cfg.run, *parts)
-
-
-def stage_path(cfg: Common, override: str | None, name: str) -> Path:
-    """A stage folder: the flag's path if given, else RUN/name. (train only; the other stages take their defaults
-    from the declarations: `stages.stage_input` / `stages.output_dir`.)"""
-    return Path(override) if override else run_path(cfg, name)

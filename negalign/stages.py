@@ -69,8 +69,17 @@ class IO:
         raise KeyError(option)
 
 
+def model_name(get: Get) -> str:
+    """A train output's NAME: --name, else the objective plus -kK for K > 1 negatives (d2o: anchors)."""
+    if get("name"):
+        return str(get("name"))
+    objective = get("objective") or "sc"
+    k = int((get("num_anchors") if objective == "d2o" else get("num_negatives")) or 1)
+    return objective + (f"-k{k}" if objective != "sft" and k > 1 else "")
+
+
 def _models_name(get: Get) -> str:
-    return f"models/{get('name') or get('objective') or 'sc'}"
+    return f"models/{model_name(get)}"
 
 
 def _eval_name(get: Get) -> str:
@@ -109,12 +118,15 @@ STAGE_IO: dict[str, IO] = {
                 In("greedy_dir", "greedy", "sample", "Greedy samples folder, the source of y_ref when present.",
                    optional=True)),
         output=Out("pairs", "pair", schemas.PAIR_SCHEMA)),
-    "train": IO(  # the options themselves stay in config.py's train block (help=None)
-        inputs=(In("pairs", "pairs", "pair", fallback=("prompts", lambda get: not _not_sft(get))),
-                In("samples", "samples", "sample", optional=True, when=_not_sft),
+    "train": IO(
+        inputs=(In("pairs", "pairs", "pair", "Input folder: a pair output, or (sft only) a prompts output whose "
+                   "targets are the responses.", default_help="RUN/pairs; sft falls back to RUN/prompts",
+                   fallback=("prompts", lambda get: not _not_sft(get))),
+                In("samples", "samples", "sample", "Samples folder whose recorded chat template is checked "
+                   "against the policy's.", optional=True, when=_not_sft),
                 In("model", kind="model"),
                 In("ref_model", kind="model")),
-        output=Out(_models_name, "train", help=None)),
+        output=Out(_models_name, "train", help="Output model folder.", default_help="RUN/models/NAME")),
     "eval": IO(
         inputs=(In("prompts", "prompts_test", "prompts", "Held-out prompts folder."),
                 In("model", kind="model"),

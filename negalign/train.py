@@ -29,12 +29,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from negalign import losses
-from negalign.config import TrainConfig, run_path, stage_path
+from negalign.config import TrainConfig, run_path
 from negalign.console import console, progress
 from negalign.errors import BadInput, NegalignError, UsageError
 from negalign.faults import crash_point
 from negalign.packing import num_model_tokens, pack, pad, sequence_logps
 from negalign.selection import take_first_k
+from negalign.stages import model_name, output_dir, stage_input
 from negalign.store import StageOutput, open_stage, read_manifest
 
 DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on the DPO logit
@@ -87,12 +88,6 @@ def displacement_warning(logged: list[dict[str, Any]], threshold: float = DISPLA
                   "now gives its targets less probability than the starting model did; add --sft-weight (e.g. 1) "
                   "or --dpop-lambda, or lower --lr")
 
-
-def default_name(cfg: TrainConfig) -> str:
-    if cfg.name:
-        return cfg.name
-    k = cfg.num_anchors if cfg.objective == "d2o" else cfg.num_negatives
-    return cfg.objective + (f"-k{k}" if cfg.objective != "sft" and k > 1 else "")
 
 
 # ----------------------------------------------------------------------------------------------- groups
@@ -181,7 +176,7 @@ def build_items(cfg: TrainConfig, rows: list[dict[str, Any]], tokenizer) -> tupl
 
 def read_input(cfg: TrainConfig) -> tuple[Any, list[dict[str, Any]]]:
     """The input stage (pairs, or for sft also prompts) and its rows."""
-    path = stage_path(cfg, cfg.pairs, "pairs")
+    path, _ = stage_input(cfg, "pairs")
     if cfg.pairs is None and cfg.objective == "sft" and read_manifest(path) is None:
         path = run_path(cfg, "prompts")
     manifest = read_manifest(path)
@@ -204,7 +199,7 @@ def check_template(cfg: TrainConfig, input_stage: Any, template_sha: str) -> str
     """The chat-template hash recorded upstream (pairs manifest, else the samples manifest); refuse a mismatch."""
     recorded = None
     sources = [input_stage.manifest]
-    samples = read_manifest(stage_path(cfg, cfg.samples, "samples"))
+    samples = read_manifest(stage_input(cfg, "samples")[0])
     if samples is not None:
         sources.append(samples)
     for m in sources:
@@ -475,8 +470,8 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
-    name = default_name(cfg)
-    out_dir = Path(cfg.out) if cfg.out else run_path(cfg, "models", name)
+    name = model_name(lambda option: getattr(cfg, option, None))
+    out_dir = output_dir(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     input_stage, rows = read_input(cfg)
