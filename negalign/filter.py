@@ -269,6 +269,7 @@ def run(cfg: FilterConfig) -> None:
     if not 0.0 <= cfg.keep_fraction <= 1.0:
         raise UsageError(f"--keep-fraction must be in [0, 1], got {cfg.keep_fraction}")
     check_kinds(cfg)
+    selection.import_faiss()  # before any output is opened: no FAISS, nothing written
     embeddings = open_stage(stage_path(cfg, cfg.embeddings, "embeddings"), "embed")
     samples = open_stage(stage_path(cfg, cfg.samples, "samples"), "sample")
     out_dir = stage_path(cfg, cfg.out, "negatives")
