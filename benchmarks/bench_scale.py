@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_filter import build_run  # noqa: E402
+from bench_filter import run_command as filter_with_parts  # noqa: E402
 from bench_store import _table, run_side  # noqa: E402
 
 
@@ -63,7 +64,18 @@ def run_command(*args: str) -> dict:
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024 if usage else float("nan")}
 
 
-def scale_rows(sizes: list[int], dim: int, workdir: Path) -> list[dict]:
+STORE_PARTS = ("read_shard", "write_shard", "read_output")
+
+
+def split_row(run: Path, n: int) -> dict:
+    """`filter` again with its time accounted per part (bench_filter's wrappers): store vs similarity + selection."""
+    r = filter_with_parts("default", run, "neg_split", parts=True)
+    parts = r["parts"]
+    return {"prompts": n, "wall_s": r["wall_s"], "store_s": sum(parts.get(p, 0.0) for p in STORE_PARTS),
+            "rule_s": parts.get("similarity", 0.0) + parts.get("selection", 0.0), "parts": parts}
+
+
+def scale_rows(sizes: list[int], dim: int, workdir: Path, split: bool = False) -> list[dict]:
     rows = []
     for n in sizes:
         run = workdir / f"run_{n}"
@@ -75,6 +87,10 @@ def scale_rows(sizes: list[int], dim: int, workdir: Path) -> list[dict]:
             r.update(prompts=n, command=cmd, shards=built["shards"], us_per_prompt=1e6 * r["wall_s"] / n)
             print(r, flush=True)
             rows.append(r)
+        if split:
+            r = split_row(run, n)
+            print({"split": r}, flush=True)
+            rows.append({**r, "command": "split"})
         shutil.rmtree(run, ignore_errors=True)
     return rows
 
@@ -96,6 +112,14 @@ def markdown(rows: list[dict], store: dict | None, args: argparse.Namespace) -> 
     lines = [f"Machine: {os.cpu_count()} cores, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at "
              "the end (shared with other jobs: compare ratios).", "",
              "    .venv/bin/python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]), ""]
+    splits, rows = [r for r in rows if r["command"] == "split"], [r for r in rows if r["command"] != "split"]
+    if splits:
+        lines += ["filter's time split (the command, wall s; store = shard reads + writes + read-back):", "",
+                  "| prompts | wall s | store s | share | similarity + selection s | share |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['prompts']:,} | {r['wall_s']:.1f} | {r['store_s']:.1f} | {r['store_s'] / r['wall_s']:.0%} | "
+                  f"{r['rule_s']:.1f} | {r['rule_s'] / r['wall_s']:.0%} |" for r in splits]
+        lines.append("")
     if rows:
         lines += ["| command | prompts | shards | wall s | µs per prompt | peak RSS MiB |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -123,6 +147,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000", help="prompt counts, comma-separated")
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--store-shards", type=int, default=100_000)
+    ap.add_argument("--split", action="store_true", help="also time filter's parts (store vs the rule) per size")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--results", type=Path)
     args = ap.parse_args()
@@ -131,7 +156,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        rows = scale_rows(sizes, args.dim, workdir)
+        rows = scale_rows(sizes, args.dim, workdir, args.split)
         store = store_rows(args.store_shards, workdir) if args.store_shards else None
     finally:
         if not args.workdir:
