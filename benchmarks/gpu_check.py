@@ -6,8 +6,9 @@
 Needs only torch, transformers, peft, sentence-transformers, pyarrow and negalign's pure-Python dependencies
 (typer, rich, pyyaml, ...): no vLLM, no FAISS, no network, no model hub. Everything is built in code:
 - a byte-level BPE tokenizer trained on synthetic words, with a small chat template;
-- a randomly initialised Llama-shaped policy: hidden 2048, 22 layers, 32 heads (4 KV heads), MLP 5632, vocab 32000
-  (TinyLlama's shape, ~1.1B parameters); `--tiny`: 2 layers, hidden 64;
+- a randomly initialised Llama-shaped policy: hidden 2048, 22 layers, 32 heads (4 KV heads), MLP 5632 (TinyLlama's
+  shape, ~1.0B parameters; the vocabulary is the tokenizer's, so every sampled id decodes); `--tiny`: 2 layers,
+  hidden 64;
 - a randomly initialised MiniLM-shaped embedder (BERT, 6 layers, hidden 384, mean pooling) as a
   sentence-transformers folder;
 - synthetic prompts and pairs (K = 8) written through the store (`bench_train.build_run`).
@@ -98,7 +99,7 @@ def build_models(work: Path, tiny: bool) -> tuple[Path, Path, int]:
                   num_key_value_heads=2) if tiny else
              dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                   num_key_value_heads=4))
-    cfg = LlamaConfig(vocab_size=vocab if tiny else 32000, max_position_embeddings=2048, tie_word_embeddings=False,
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                       **shape)
     torch.manual_seed(0)
