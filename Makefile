@@ -11,7 +11,7 @@ CUDA_MARK := $(VENV)/.cuda
 TORCH_PIP_ARGS ?=
 RUN ?= runs/demo
 
-.PHONY: install cpu-install gpu-install test demo lint bench clean-demo
+.PHONY: install cpu-install gpu-install test demo lint bench clean-demo gpu-check wheelhouse
 
 install: $(STAMP)
 
@@ -61,6 +61,20 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 bash benchmarks/run_all.sh
+
+# The GPU check (benchmarks/gpu_check.py): on a CUDA machine that has torch, transformers, peft,
+# sentence-transformers and pyarrow but no vLLM, no FAISS and no network. It does not use .venv: GPU_PY is that
+# machine's Python. negalign's pure-Python dependencies come from a wheelhouse built beforehand with network
+# (`make wheelhouse`: benchmarks/out/wheelhouse, carried to the machine) and are installed offline into .gpu-deps/.
+GPU_PY ?= python3
+WHEELHOUSE ?= benchmarks/out/wheelhouse
+wheelhouse:
+	PY=$(PYTHON) bash benchmarks/make_wheelhouse.sh
+
+gpu-check:
+	if [ -d $(WHEELHOUSE) ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --target .gpu-deps \
+	  $(WHEELHOUSE)/*.whl; fi
+	HF_HUB_OFFLINE=1 PYTHONPATH=$$PWD:$$PWD/.gpu-deps timeout 480 $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf $(RUN)

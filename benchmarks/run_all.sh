@@ -11,6 +11,9 @@ if [ "${1:-}" != "--assemble-only" ]; then
   # RESULTS_filter.md holds hand-written before/after sections: the new table goes beside it, to compare by hand
   $PY benchmarks/bench_filter.py --results benchmarks/out/RESULTS_filter.latest.md
   $PY benchmarks/bench_store.py   # prints the table; RESULTS_filter.md keeps it by hand
+  # scale: filter and pair via the CLI at 10k/100k/1M prompts and the store alone at 100k shards (1M is long:
+  # SCALE_SIZES=10000,100000 make bench to leave it out); RESULTS_scale.md is kept by hand from this table
+  $PY benchmarks/bench_scale.py --sizes "${SCALE_SIZES:-10000,100000,1000000}" --results benchmarks/out/RESULTS_scale.latest.md
   $PY benchmarks/bench_train.py --prompts 16 --steps 5 --batch-size 2 --dpo-batch-size 4 --results benchmarks/RESULTS_train.md
   $PY benchmarks/bench_eval.py --prompts 16 --max-tokens 32 --engines hf,vllm --repeat 4
 fi

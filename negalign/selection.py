@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from negalign.errors import NegalignError
+
 REASONS: tuple[str | None, ...] = (
     None, "empty", "truncated", "duplicate", "near_negative", "near_duplicate", "near_target", "correct",
     "same_as_target",
@@ -127,10 +129,24 @@ class Selection:
 
 
 # ------------------------------------------------------------------------------------------- similarity
-def _sp(a: np.ndarray):
-    import faiss
+FAISS_MISSING = ("FAISS is not installed, and the filter's similarities need it: pip install faiss-cpu "
+                 "(faiss-gpu on a CUDA machine; `make install` installs every dependency)")
 
-    return faiss.swig_ptr(a)
+
+def import_faiss():
+    """FAISS, imported only where it is used: train, sample and embed run without it (the CUDA check machine has
+    none). Not installed -> a one-line error naming the package."""
+    try:
+        import faiss
+    except ModuleNotFoundError as e:
+        if e.name != "faiss":
+            raise
+        raise NegalignError(FAISS_MISSING) from e
+    return faiss
+
+
+def _sp(a: np.ndarray):
+    return import_faiss().swig_ptr(a)
 
 
 def _check_index(idx: np.ndarray, size: int, name: str) -> None:
@@ -155,7 +171,7 @@ def cosine_to_target(cand_emb: np.ndarray, target_emb: np.ndarray, group: np.nda
     if group.shape != (len(cand_emb),):
         raise ValueError(f"group: expected shape ({len(cand_emb)},), got {group.shape}")
     _check_index(group, len(target_emb), "group")
-    import faiss  # here, not at the top: train imports this module for take_first_k and needs no FAISS
+    faiss = import_faiss()  # here, not at the top: train imports this module for take_first_k and needs no FAISS
 
     m, d = cand_emb.shape
     target = np.ascontiguousarray(target_emb, dtype=np.float32)
