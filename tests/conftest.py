@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests run offline (HF_HUB_OFFLINE=1) on the real default models where they need a model."""
+"""Shared fixtures. Tests run offline (HF_HUB_OFFLINE=1) on the real default models where they need a model.
+
+Tests by level: unit/ (the pure modules, config, adapters, docs: no model, seconds), stages/ (one stage or the
+store through the CLI on tiny or default models), e2e/ (pipelines, the examples, and the crash matrix in e2e/crash/).
+`pytest tests/unit` is the quick check; `make test` runs all three.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Makes the packages named in NEGALIGN_HIDE_PACKAGES (comma-separated top-level names, e.g. "vllm,faiss") look not
-installed, for tests/test_imports.py and tests/test_gpu_check.py: a mock of an environment without them (the CUDA
-machine has no vLLM and no FAISS), through the real import machinery.
+installed, for tests/stages/test_imports.py and tests/stages/test_gpu_check.py: a mock of an environment without
+them (the CUDA machine has no vLLM and no FAISS), through the real import machinery.
 
 Put this folder first on PYTHONPATH; Python imports `sitecustomize` at start-up. Each path-based finder on
 `sys.meta_path` is wrapped so that, for a hidden name, `find_spec` returns None (so `import faiss` raises

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_imports import HIDE
+from tests.stages.test_imports import HIDE
 
 
 @pytest.mark.slow

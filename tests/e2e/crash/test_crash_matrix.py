@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLE_DATA
-from tests.crash.harness import Clean, Stage, Zygote, run_clean, tiny_model, trial
+from tests.e2e.crash.harness import Clean, Stage, Zygote, run_clean, tiny_model, trial
 
 pytestmark = pytest.mark.slow
 

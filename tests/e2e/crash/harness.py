@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from negalign.store import canonical_json, manifest_file, read_manifest, sha256_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ZYGOTE = Path(__file__).with_name("zygote.py")
 SIGKILLED = -9
 #: manifest keys that legitimately differ between two runs of the same work

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from negalign.cli import app
 from negalign.store import read_manifest
 from tests.conftest import EXAMPLE_DATA
-from tests.crash.harness import snapshot
+from tests.e2e.crash.harness import snapshot
 
 
 def _data(path: Path, n: int) -> Path:

@@ -19,7 +19,7 @@ import pytest
 
 from negalign.store import read_manifest
 from tests.conftest import ROOT, negalign
-from tests.test_train import make_run
+from tests.stages.test_train import make_run
 
 HIDE = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "hide_packages"), str(ROOT),
                                        os.environ.get("PYTHONPATH", "")]),

@@ -10,7 +10,7 @@ import pytest
 from negalign.adapters import FORMATS, FieldNames, convert_rows, detect_format
 from negalign.errors import BadInput, UsageError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def load(name: str) -> list[dict]:

@@ -4,7 +4,7 @@ A bad input exits 2 with exactly one line `error: FILE, row N, column 'C': what`
 traceback, and nothing already on disk changes. JSONL rows are named by the line number an editor shows; Parquet
 rows by their 0-based index. The README's "Guarantees" table lists these cases: change them together.
 
-Processes are forked from the crash harness's zygote (tests/crash/zygote.py) so each case costs a fork, not a
+Processes are forked from the crash harness's zygote (tests/e2e/crash/zygote.py) so each case costs a fork, not a
 fresh import of torch.
 """
 
@@ -24,7 +24,7 @@ from negalign.prepare import prompt_id
 from negalign.sample import SAMPLE_SCHEMA
 from negalign.store import PROMPTS_SCHEMA, StageOutput, manifest_file, open_stage
 from tests.conftest import EXAMPLE_DATA
-from tests.crash.harness import Zygote, tiny_embedder, tiny_model
+from tests.e2e.crash.harness import Zygote, tiny_embedder, tiny_model
 
 pytestmark = pytest.mark.slow  # one zygote start (imports torch once), then ~0.2-2 s per case
 
