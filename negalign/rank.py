@@ -38,7 +38,10 @@ def run(cfg: RankConfig) -> None:
 
         def score(messages: list[dict[str, str]], responses: list[str]) -> list[float]:
             return model.score([messages] * len(responses), responses)
-    out = store.StageOutput.open(out_dir, "pair", {"by": cfg.reward_model or "similarity"}, inputs,
+    config: dict[str, object] = {"by": cfg.reward_model or "similarity"}
+    if cfg.reward_model:  # rankings made by the old scorer (no chat template, logits[:, 0]) are refused, not mixed
+        config["scorer"] = "reward.RewardModel"
+    out = store.StageOutput.open(out_dir, "pair", config, inputs,
                                  overwrite=cfg.overwrite)
     moved = total = 0
     for index, (_, table) in enumerate(pairs.iter_shards()):
