@@ -52,7 +52,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 RUN=$(RUN) PY=$(PY) bash examples/demo.sh
 
-# The Self-Contrast ablation at micro scale (K = 1, 2, 4, 8, seeds, controls; about 1.5 hours on a 2-core CPU).
+# The Self-Contrast experiment, redesigned (issue 19): a validation LR sweep, K = 1, 2, 4, 8 on one fixed prompt set,
+# the guards, seeds, controls; run it in the phases its header gives (estimated ~2.3 hours on a 2-core CPU, not yet run).
 experiment: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m negalign run examples/self_contrast.yaml
 
