@@ -234,7 +234,8 @@ class TrainConfig(Common):
                                "--warmup-ratio.", min=0)
     warmup_ratio: float | None = opt(None, "LR warm-up as a share of the optimizer steps (0 <= r < 1), linear from 0 "
                                            "to --lr. [default: 0.1 for the preference objectives, as DPO recipes "
-                                           "use; 0 for sft]", min=0.0, max=1.0)
+                                           "use; 0 for sft]", min=0.0, max=1.0,
+                                     max_exclusive=True)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     epochs: int = opt(1, "Passes over the groups.", min=1)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", min=1)

@@ -241,12 +241,14 @@ def _pairs(g: Group, p: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return g.policy[:, 0], g.ref[:, 0], g.policy[:, 1:1 + k], g.ref[:, 1:1 + k]
 
 
-def _sc_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
-    return dpop(*_pairs(g, p), beta=p.beta, lam=p.dpop_lambda) if p.dpop_lambda else sc(*_pairs(g, p), beta=p.beta)
-
-
-def _dpo_group(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
-    return dpop(*_pairs(g, p), beta=p.beta, lam=p.dpop_lambda) if p.dpop_lambda else dpo(*_pairs(g, p), beta=p.beta)
+def _dpo_logit_group(fn: Callable[..., tuple[torch.Tensor, Metrics]]) -> Callable[[Group, Params],
+                                                                                 tuple[torch.Tensor, Metrics]]:
+    """`sc`/`dpo` over a group, or :func:`dpop` when `--dpop-lambda` is set (λ = 0 is the plain loss)."""
+    def group_loss(g: Group, p: Params) -> tuple[torch.Tensor, Metrics]:
+        if p.dpop_lambda:
+            return dpop(*_pairs(g, p), beta=p.beta, lam=p.dpop_lambda)
+        return fn(*_pairs(g, p), beta=p.beta)
+    return group_loss
 
 
 def _sr_group(fn: Callable[..., tuple[torch.Tensor, Metrics]]) -> Callable[[Group, Params], tuple[torch.Tensor,
@@ -286,9 +288,9 @@ class Objective:
 
 LOSSES: dict[str, Objective] = {
     "sft": Objective(lambda g, p: (chosen_nll(g), {}), sides=lambda p: {"chosen": slice(0, 1)}, sft_term=False),
-    "dpo": Objective(_dpo_group),
+    "dpo": Objective(_dpo_logit_group(dpo)),
     "ipo": Objective(lambda g, p: ipo(*_pairs(g, p), beta=p.beta)),
-    "sc": Objective(_sc_group),
+    "sc": Objective(_dpo_logit_group(sc)),
     "sr-dpo": Objective(_sr_group(sr_dpo)),
     "sr-ipo": Objective(_sr_group(sr_ipo)),
     "selm": Objective(_selm_group),

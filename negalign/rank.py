@@ -25,22 +25,21 @@ def run(cfg: RankConfig) -> None:
     out_dir = output_dir(cfg)
     inputs = {"pairs": pairs.fingerprint}
     vectors: dict[str, np.ndarray] = {}
-    if cfg.reward_model is None:
-        emb = store.open_stage(*stage_input(cfg, "embeddings"))
-        inputs["embeddings"] = emb.fingerprint
-        table = emb.read(["text_sha", "embedding"])
-        vectors = dict(zip(table.column("text_sha").to_pylist(), embeddings_array(table), strict=True))
     score = None
+    config: dict[str, object] = {"by": cfg.reward_model or "similarity"}
     if cfg.reward_model:  # the scorer `eval` uses: same template, same labels, same padding
         from negalign.reward import RewardModel
 
         model = RewardModel(cfg.reward_model)
+        config["scorer"] = "reward.RewardModel"  # rankings by the old scorer (logits[:, 0], no template) are refused
 
         def score(messages: list[dict[str, str]], responses: list[str]) -> list[float]:
             return model.score([messages] * len(responses), responses)
-    config: dict[str, object] = {"by": cfg.reward_model or "similarity"}
-    if cfg.reward_model:  # rankings made by the old scorer (no chat template, logits[:, 0]) are refused, not mixed
-        config["scorer"] = "reward.RewardModel"
+    else:
+        emb = store.open_stage(*stage_input(cfg, "embeddings"))
+        inputs["embeddings"] = emb.fingerprint
+        table = emb.read(["text_sha", "embedding"])
+        vectors = dict(zip(table.column("text_sha").to_pylist(), embeddings_array(table), strict=True))
     out = store.StageOutput.open(out_dir, "pair", config, inputs,
                                  overwrite=cfg.overwrite)
     moved = total = 0

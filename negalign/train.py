@@ -434,12 +434,13 @@ def training_arguments(cfg: TrainConfig, checkpoints: Path, device: str) -> Trai
     """The Trainer's settings. Creating them also sets up the process group under `accelerate launch` / torchrun
     (gloo on CPU), so they come first."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    steps, ratio = warmup(cfg)
     return TrainingArguments(
         output_dir=str(checkpoints), per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1, lr_scheduler_type=cfg.lr_scheduler,
         # transformers 5.19 has no warmup_ratio: a warmup_steps value below 1 is the ratio of the total steps
-        warmup_steps=warmup(cfg)[0] or warmup(cfg)[1],
+        warmup_steps=steps or ratio,
         weight_decay=cfg.weight_decay, logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=1, report_to=[] if cfg.report_to == "none" else [cfg.report_to], seed=cfg.seed,
         data_seed=cfg.seed, bf16=cfg.bf16, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -465,8 +466,6 @@ def run(cfg: TrainConfig) -> Path:
     if cfg.dpop_lambda and cfg.objective not in DPOP_OBJECTIVES:
         raise UsageError(f"--dpop-lambda applies to --objective {' or '.join(DPOP_OBJECTIVES)} (DPOP), not "
                          f"{cfg.objective}")
-    if cfg.warmup_ratio is not None and cfg.warmup_ratio >= 1:
-        raise UsageError(f"--warmup-ratio must be below 1 (a share of the steps), got {cfg.warmup_ratio}")
     if cfg.objective == "d2o" and cfg.rejected == "given":
         raise UsageError("--rejected applies to preference objectives; d2o always uses the given negatives")
     hparams = resolved_hparams(cfg)
