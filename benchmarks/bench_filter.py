@@ -42,10 +42,12 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from negalign.config import PrepareConfig  # noqa: E402
 from negalign.embed import embed_schema, text_sha  # noqa: E402
 from negalign.sample import SAMPLE_SCHEMA  # noqa: E402
 from negalign.store import PROMPTS_SCHEMA, StageOutput, open_stage  # noqa: E402
 
+PREPARE_SHARD = PrepareConfig.__dataclass_fields__["shard_size"].default  # prompts per shard, as `prepare` writes
 CHECKERS_YAML = "checkers: {fam0: number, fam1: exact, fam2: contains, fam3: none}\n"
 SIDES = ("negalign", "reference", "default", "checkers")
 
@@ -111,6 +113,7 @@ if os.environ.get("BENCH_PARTS"):
     store.StageInput.read_shard = timed("read_shard", store.StageInput.read_shard)
     store.StageOutput.write_shard = timed("write_shard", store.StageOutput.write_shard)
     store.StageOutput.read_shard = timed("read_output", store.StageOutput.read_shard)
+    store.StageOutput.finish = timed("finish", store.StageOutput.finish)   # the last shard's write, the fold
     atexit.register(lambda: print("BENCH_PARTS " + json.dumps(parts), file=sys.stderr))
 from negalign.cli import app
 app(sys.argv[1:], prog_name="negalign")
@@ -121,21 +124,45 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
     """samples + embeddings stages of `prompts` prompts x `n` samples, `shard_prompts` prompts per shard."""
     t0 = time.perf_counter()
     num_shards = -(-prompts // shard_prompts)
-    samples = StageOutput.open(run / "samples", "sample", {"synthetic": seed}, {}, info={"num_samples": n})
-    embeds = StageOutput.open(run / "embeddings", "embed", {"synthetic": seed, "dim": dim}, {}, info={"dim": dim})
-    schema = embed_schema(dim)
-    prompt_rows: list[pa.Table] = []
-    for s in range(num_shards):
-        rng = np.random.default_rng([seed, s])
+
+    def prompts_of(s: int) -> tuple[list[str], list[str]]:
         p = min(shard_prompts, prompts - s * shard_prompts)
         pids = sorted(hashlib.sha256(f"prompt {s * shard_prompts + i}".encode()).hexdigest() for i in range(p))
+        return pids, [str(int(x)) for x in np.random.default_rng([seed, s, 1]).integers(0, 1000, p)]
+
+    # The prompts first, in prepare's shards of 10,000; the samples record them as their input, with sample's
+    # `shard_size`, as `negalign sample` does: filter and pair then read the prompts a shard at a time.
+    out = StageOutput.open(run / "prompts", "prompts", {"synthetic": seed}, {})
+    buffered: list[pa.Table] = []
+    written = 0
+    for s in range(num_shards):
+        pids, targets = prompts_of(s)
+        buffered.append(pa.table({
+            "prompt_id": pa.array(pids, pa.string()),
+            "messages": pa.array([[{"role": "user", "content": f"question {i}"}] for i in pids],
+                                 PROMPTS_SCHEMA.field("messages").type),
+            "target": pa.array(targets, pa.string()), "negatives": pa.array([None] * len(pids), pa.list_(pa.string())),
+            "task": pa.array([f"fam{(s * shard_prompts + i) % 4}" for i in range(len(pids))], pa.string())},
+            schema=PROMPTS_SCHEMA))
+        if sum(t.num_rows for t in buffered) >= PREPARE_SHARD or s == num_shards - 1:
+            out.write_shard(written, pa.concat_tables(buffered))
+            buffered, written = [], written + 1
+    assert out.finish(written)
+    prompts_in = open_stage(run / "prompts", "prompts")
+    samples = StageOutput.open(run / "samples", "sample", {"synthetic": seed, "shard_size": shard_prompts},
+                               {"prompts": prompts_in}, info={"num_samples": n})
+    embeds = StageOutput.open(run / "embeddings", "embed", {"synthetic": seed, "dim": dim}, {}, info={"dim": dim})
+    schema = embed_schema(dim)
+    for s in range(num_shards):
+        rng = np.random.default_rng([seed, s])
+        pids, targets = prompts_of(s)
+        p = len(pids)
         m = p * n
         sample_idx = np.tile(np.arange(n), p)
         texts = np.array([f"answer {s}-{j}" for j in range(m)], dtype=object)
         dup = np.flatnonzero((rng.random(m) < 0.1) & (sample_idx > 0))
         src = dup - 1 - (rng.random(len(dup)) * sample_idx[dup]).astype(np.int64)
         texts[dup] = texts[src]
-        targets = [str(int(x)) for x in rng.integers(0, 1000, p)]
         copy = rng.random(m) < 0.05                                   # the target's own text: right answers
         texts[copy] = np.repeat(np.array(targets, dtype=object), n)[copy]
         texts[rng.random(m) < 0.01] = ""
@@ -153,13 +180,6 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
             "finish_reason": pa.array(finish, pa.string()), "seed": pa.array(np.arange(m), pa.int64()),
             "engine": pa.array(["hf"] * m, pa.string()), "model": pa.array(["synthetic"] * m, pa.string())},
             schema=SAMPLE_SCHEMA))
-        prompt_rows.append(pa.table({
-            "prompt_id": pa.array(pids, pa.string()),
-            "messages": pa.array([[{"role": "user", "content": f"question {i}"}] for i in pids],
-                                 PROMPTS_SCHEMA.field("messages").type),
-            "target": pa.array(targets, pa.string()), "negatives": pa.array([None] * p, pa.list_(pa.string())),
-            "task": pa.array([f"fam{(s * shard_prompts + i) % 4}" for i in range(p)], pa.string())},
-            schema=PROMPTS_SCHEMA))
         shas = [text_sha(t) for t in texts]
         vectors = np.concatenate([target, cand])
         embeds.write_shard(s, pa.table({
@@ -171,9 +191,6 @@ def build_run(run: Path, prompts: int, n: int, shard_prompts: int, dim: int, see
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)},
             schema=schema))
     assert samples.finish(num_shards) and embeds.finish(num_shards)
-    prompts = StageOutput.open(run / "prompts", "prompts", {"synthetic": seed}, {})
-    prompts.write_shard(0, pa.concat_tables(prompt_rows))
-    assert prompts.finish(1)
     size = sum(f.stat().st_size for f in (run / "embeddings").glob("*.parquet"))
     return {"shards": num_shards, "build_s": time.perf_counter() - t0, "embeddings_gib": size / 2**30}
 

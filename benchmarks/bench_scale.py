@@ -64,7 +64,7 @@ def run_command(*args: str) -> dict:
     return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024 if usage else float("nan")}
 
 
-STORE_PARTS = ("read_shard", "write_shard", "read_output")
+STORE_PARTS = ("read_shard", "write_shard", "read_output", "finish")  # write_shard: waiting on the writer
 
 
 def split_row(run: Path, n: int) -> dict:
@@ -114,7 +114,8 @@ def markdown(rows: list[dict], store: dict | None, args: argparse.Namespace) -> 
              "    .venv/bin/python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]), ""]
     splits, rows = [r for r in rows if r["command"] == "split"], [r for r in rows if r["command"] != "split"]
     if splits:
-        lines += ["filter's time split (the command, wall s; store = shard reads + writes + read-back):", "",
+        lines += ["filter's time split (the command, wall s; store = shard reads, waits on the shard writer, "
+                  "read-back, finish):", "",
                   "| prompts | wall s | store s | share | similarity + selection s | share |",
                   "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['prompts']:,} | {r['wall_s']:.1f} | {r['store_s']:.1f} | {r['store_s'] / r['wall_s']:.0%} | "

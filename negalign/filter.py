@@ -35,7 +35,7 @@ from negalign.embed import embeddings_array
 from negalign.errors import BadInput, UsageError
 from negalign.schemas import NEGATIVES_SCHEMA
 from negalign.stages import output_dir, stage_input
-from negalign.store import StageInput, StageOutput, open_stage, shard_name
+from negalign.store import PromptRows, StageInput, StageOutput, open_stage, shard_name
 
 NO_TASK = "(none)"  # as in eval's summary
 
@@ -183,41 +183,87 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
     }, schema=NEGATIVES_SCHEMA)
 
 
+SIM_BIN = 1e-4  # the summary's similarity quantiles come from a histogram of this width: within 1e-4, memory flat
+SIM_BINS = int(round(2 / SIM_BIN)) + 1  # cosine in [-1, 1]
+
+
+def _sim_histogram(sims: np.ndarray) -> dict[str, Any]:
+    """Counts per SIM_BIN-wide bin, with the exact min and max (q0 and q100 are exact)."""
+    sims = sims[np.isfinite(sims)].astype(np.float64)
+    bins = np.clip(np.rint((sims + 1) / SIM_BIN), 0, SIM_BINS - 1).astype(np.int64)
+    return {"counts": np.bincount(bins, minlength=SIM_BINS), "min": float(sims.min()) if sims.size else np.inf,
+            "max": float(sims.max()) if sims.size else -np.inf}
+
+
+def _quantiles(hist: dict[str, Any]) -> dict[str, float]:
+    """q0, q25, q50, q75, q100 as `np.quantile` (linear) would give them on the raw values, to within SIM_BIN."""
+    counts = hist["counts"]
+    n = int(counts.sum())
+    if not n:
+        return {}
+    cum = np.cumsum(counts)
+    out = {"q0": round(hist["min"], 4)}
+    for q in (0.25, 0.5, 0.75):
+        rank = q * (n - 1)   # np.quantile interpolates between order statistics floor(rank) and floor(rank) + 1
+        lo, hi = (int(np.searchsorted(cum, k, side="right")) for k in (int(rank), min(int(rank) + 1, n - 1)))
+        frac = rank - int(rank)
+        out[f"q{int(q * 100)}"] = round(((1 - frac) * lo + frac * hi) * SIM_BIN - 1, 4)
+    out["q100"] = round(hist["max"], 4)
+    return out
+
+
 def _partial_summary(table: pa.Table, task_of: dict[str, str | None] | None = None,
                      capped_by_unique: int | None = None) -> dict[str, Any]:
-    """What the summary needs of one output shard. Shards hold whole prompts, so prompt counts add up.
-    `task_of` (prompt_id -> family) counts the `correct` drops per family; `capped_by_unique` = prompts of the
-    shard whose m was n_unique - 1 (None: not known, e.g. a shard written before this count existed)."""
+    """What the summary needs of one output shard, in a size that does not grow with it. Shards hold whole prompts,
+    so prompt counts add up. `task_of` (prompt_id -> family) counts the `correct` drops per family;
+    `capped_by_unique` = prompts of the shard whose m was n_unique - 1 (None: not known, e.g. a shard written
+    before this count existed)."""
     reasons = table.column("drop_reason").fill_null("kept").value_counts().to_pylist()
     kept_prompts = table.filter(table.column("kept")).column("prompt_id")
     correct_by_family: Counter = Counter()
     if task_of is not None:
         correct = table.filter(pc.equal(table.column("drop_reason"), "correct")).column("prompt_id").to_pylist()
         correct_by_family = Counter(task_of.get(p) or NO_TASK for p in correct)
+    sims = table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(np.float32)
+    kept = table.column("kept").to_numpy(zero_copy_only=False).astype(bool)
     return {"candidates": table.num_rows, "by_reason": Counter({r["values"]: r["counts"] for r in reasons}),
             "correct_by_family": correct_by_family, "capped_by_unique": capped_by_unique,
             "prompts": len(pc.unique(table.column("prompt_id"))),
             "prompts_with_negatives": len(pc.unique(kept_prompts)) if len(kept_prompts) else 0,
-            "sims": table.column("sim_to_target").to_numpy(zero_copy_only=False).astype(np.float32),
-            "kept": table.column("kept").to_numpy(zero_copy_only=False).astype(bool)}
+            "hist_all": _sim_histogram(sims), "hist_kept": _sim_histogram(sims[kept])}
+
+
+def _add(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    """Two partial summaries as one."""
+    if total is None:
+        return part
+    out = {k: total[k] + part[k] for k in ("candidates", "prompts", "prompts_with_negatives", "by_reason",
+                                             "correct_by_family")}
+    capped = (total["capped_by_unique"], part["capped_by_unique"])
+    out["capped_by_unique"] = None if None in capped else sum(capped)
+    for name in ("hist_all", "hist_kept"):
+        a, b = total[name], part[name]
+        out[name] = {"counts": a["counts"] + b["counts"], "min": min(a["min"], b["min"]),
+                     "max": max(a["max"], b["max"])}
+    return out
 
 
 def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Kept / dropped by reason and similarity quantiles (all candidates and kept ones), over shards."""
-    out: dict[str, Any] = {k: sum(p[k] for p in parts) for k in ("candidates", "prompts", "prompts_with_negatives")}
-    out["by_reason"] = dict(sum((p["by_reason"] for p in parts), Counter()))
-    if any(p.get("correct_by_family") for p in parts):
-        out["correct_by_family"] = dict(sorted(sum((p["correct_by_family"] for p in parts), Counter()).items()))
-    capped = [p.get("capped_by_unique") for p in parts]
-    if parts and all(c is not None for c in capped):
-        out["prompts_m_by_unique"] = sum(capped)
-    sims = np.concatenate([p["sims"] for p in parts]).astype(np.float64) if parts else np.zeros(0)
-    kept = np.concatenate([p["kept"] for p in parts]) if parts else np.zeros(0, dtype=bool)
-    for name, mask in (("sim_quantiles_all", np.ones_like(kept)), ("sim_quantiles_kept", kept)):
-        values = sims[mask & np.isfinite(sims)]
-        out[name] = ({f"q{int(q * 100)}": round(float(v), 4) for q, v in
-                      zip((0, 0.25, 0.5, 0.75, 1), np.quantile(values, [0, 0.25, 0.5, 0.75, 1]), strict=True)}
-                     if values.size else {})
+    total: dict[str, Any] | None = None
+    for part in parts:
+        total = _add(total, part)
+    if total is None:
+        return {"candidates": 0, "prompts": 0, "prompts_with_negatives": 0, "by_reason": {},
+                "sim_quantiles_all": {}, "sim_quantiles_kept": {}}
+    out: dict[str, Any] = {k: total[k] for k in ("candidates", "prompts", "prompts_with_negatives")}
+    out["by_reason"] = dict(total["by_reason"])
+    if total["correct_by_family"]:
+        out["correct_by_family"] = dict(sorted(total["correct_by_family"].items()))
+    if total["capped_by_unique"] is not None:
+        out["prompts_m_by_unique"] = total["capped_by_unique"]
+    out["sim_quantiles_all"] = _quantiles(total["hist_all"])
+    out["sim_quantiles_kept"] = _quantiles(total["hist_kept"])
     return out
 
 
@@ -266,47 +312,54 @@ def run(cfg: FilterConfig) -> None:
     samples = open_stage(*stage_input(cfg, "samples"))
     out_dir = output_dir(cfg)
     inputs: dict[str, str | StageInput] = {"embeddings": embeddings, "samples": samples}
-    prompts: dict[str, dict[str, Any]] | None = None
-    task_of: dict[str, str | None] | None = None
+    prompt_rows: PromptRows | None = None
     if uses_prompts(cfg):
         prompts_in = open_stage(_prompts_path(cfg, embeddings), "prompts")
         files = prompts_in.shard_files()
         has_task = bool(files) and "task" in pq.read_schema(files[0]).names
-        cols = ["prompt_id", "target"] + (["task"] if has_task else [])
-        prompts = {r["prompt_id"]: r for r in prompts_in.read(cols).to_pylist()}
-        if cfg.checkers and not any(p.get("task") is not None for p in prompts.values()):
-            raise UsageError(f"{prompts_in.path}: `checkers` needs the prompts' task column, and "
-                             f"{'no prompt has a task' if has_task else 'there is none'} (re-run `negalign prepare` "
-                             "with --task-field), or use --checker for every prompt")
+        prompt_rows = PromptRows(prompts_in, ["prompt_id", "target"] + (["task"] if has_task else []), samples)
         if cfg.checkers:
-            families = {p.get("task") for p in prompts.values()}
+            families = prompt_rows.values("task") - {None} if has_task else set()
+            if not families:
+                raise UsageError(f"{prompts_in.path}: `checkers` needs the prompts' task column, and "
+                                 f"{'no prompt has a task' if has_task else 'there is none'} (re-run `negalign "
+                                 "prepare` with --task-field), or use --checker for every prompt")
             if missing := sorted(set(cfg.checkers) - families):
                 console.print(f"warning: checkers: no prompt has the famil{'y' if len(missing) == 1 else 'ies'} "
                               f"{', '.join(missing)} ({prompts_in.path})")
-            task_of = {pid: p.get("task") for pid, p in prompts.items()}
         inputs["prompts"] = prompts_in
+
+    def shard_prompts(s: int, pids: pa.ChunkedArray | pa.Array) -> dict[str, dict[str, Any]] | None:
+        return prompt_rows.for_shard(s, pc.unique(pids).to_pylist()) if prompt_rows is not None else None
+
+    def task_of(prompts: dict[str, dict[str, Any]] | None) -> dict[str, str | None] | None:
+        return {pid: p.get("task") for pid, p in prompts.items()} if prompts is not None and cfg.checkers else None
+
     # check_inputs (in open) refuses embeddings made from other samples, so shard i of each covers the same prompts.
     out = StageOutput.open(out_dir, "filter", _stage_config(cfg), inputs, overwrite=cfg.overwrite)
     num_shards = embeddings.num_shards
     todo = [s for s in range(num_shards) if not out.done(s)]
     t0 = time.time()
+    total: dict[str, Any] | None = None   # the summary so far, folded shard by shard: memory stays flat
     with progress() as bar:
         task = bar.add_task(f"filter → {out_dir}", total=num_shards, completed=num_shards - len(todo))
-        parts: dict[int, dict[str, Any]] = {}   # the summary's inputs, not the shards: memory stays small
         for s in todo:
             smp = samples.read_shard(s, ["prompt_id", "sample_idx", "text", "finish_reason"])
+            prompts = shard_prompts(s, smp.column("prompt_id"))
             stats: dict[str, int] = {}
             result = filter_shard(embeddings.read_shard(s), smp, cfg, str(embeddings.path / shard_name(s)), prompts,
                                   stats)
             capped = stats["capped_by_unique"]
             out.write_shard(s, result, {"rows": result.num_rows, "kept": int(pc.sum(result.column("kept")).as_py()
                                                                               or 0), "capped_by_unique": capped})
-            parts[s] = _partial_summary(result, task_of, capped)
+            total = _add(total, _partial_summary(result, task_of(prompts), capped))
             bar.advance(task)
-    for s in range(num_shards):                 # shards done by an earlier run: read back
-        if s not in parts:
-            entry = out.shard_entry(s) or {}
-            parts[s] = _partial_summary(out.read_shard(s), task_of, entry.get("meta", {}).get("capped_by_unique"))
-    summary = _combine([parts[s] for s in range(num_shards)])
+    for s in sorted(set(range(num_shards)) - set(todo)):    # shards done by an earlier run: read back
+        entry = out.shard_entry(s) or {}
+        table = out.read_shard(s)
+        prompts = shard_prompts(s, table.column("prompt_id")) if cfg.checkers else None
+        total = _add(total, _partial_summary(table, task_of(prompts),
+                                             entry.get("meta", {}).get("capped_by_unique")))
+    summary = _combine([total] if total is not None else [])
     out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

@@ -37,6 +37,7 @@ from negalign.schemas import PAIR_SCHEMA, TRL_SCHEMA
 from negalign.selection import draw_negatives, take_first_k
 from negalign.stages import output_dir, stage_input
 from negalign.store import (
+    PromptRows,
     StageInput,
     StageOutput,
     my_shards,
@@ -144,8 +145,7 @@ def run(cfg: PairConfig) -> None:
     totals: dict[str, Any] = {"groups": 0, "pairs": 0, "d2o": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
     t0 = time.time()
     if plan:
-        prompts = {r["prompt_id"]: r for r in prompts_in.read(["prompt_id", "messages", "target", "negatives"])
-                   .to_pylist()}
+        prompt_rows = PromptRows(prompts_in, ["prompt_id", "messages", "target", "negatives"], samples)
         y_refs: dict[str, str] = {}
         if greedy_in is not None:
             for r in sorted(greedy_in.read(["prompt_id", "sample_idx", "text"]).to_pylist(),
@@ -161,6 +161,7 @@ def run(cfg: PairConfig) -> None:
                                           rows.column("sample_idx").to_pylist(), rows.column("text").to_pylist(),
                                           strict=True):
                     texts.setdefault(pid, {})[idx] = text or ""
+                prompts = prompt_rows.for_shard(s, list(texts))
                 groups, skipped = [], dict.fromkeys(SKIP_REASONS, 0)
                 for pid, by_idx in texts.items():
                     if pid not in prompts:

@@ -38,6 +38,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -439,6 +440,59 @@ class StageInput:
         return sum(s["rows"] for s in self.manifest["shards"].values())
 
 
+class PromptRows:
+    """The prompts rows (`columns`, by prompt_id) that one samples shard needs, read a prompts shard at a time so that
+    `filter` and `pair` hold a constant amount of prompts whatever the run's size.
+
+    Samples shard s holds the prompts rows [s·shard_size, (s+1)·shard_size) of the prompts it was sampled from, in
+    their stored order (sample.py). When `prompts` is that output (same fingerprint), only the prompts shards
+    covering that range are read, and the last one is kept for the next samples shard. Any other prompts folder
+    (e.g. a superset passed with --prompts) is indexed whole, once, on first use."""
+
+    def __init__(self, prompts: StageInput, columns: list[str], samples: StageInput) -> None:
+        self.prompts, self.columns = prompts, columns
+        size = samples.config.get("shard_size")
+        self.shard_size: int | None = size if size and samples.inputs.get("prompts") == prompts.fingerprint else None
+        self.names = sorted(prompts.manifest["shards"])
+        self.starts = [0]
+        for name in self.names:
+            self.starts.append(self.starts[-1] + int(prompts.manifest["shards"][name]["rows"]))
+        self._kept: tuple[str, pa.Table] | None = None
+        self._whole: dict[str, dict[str, Any]] | None = None
+
+    def _shard(self, name: str) -> pa.Table:
+        if self._kept is None or self._kept[0] != name:
+            self._kept = (name, self.prompts.read_shard(name, self.columns))
+        return self._kept[1]
+
+    def _range(self, lo: int, hi: int) -> dict[str, dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        for i, name in enumerate(self.names):
+            a, b = max(lo, self.starts[i]), min(hi, self.starts[i + 1])
+            if a < b:
+                part = self._shard(name).slice(a - self.starts[i], b - a)
+                rows.update((r["prompt_id"], r) for r in part.to_pylist())
+        return rows
+
+    def for_shard(self, shard: int, prompt_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """{prompt_id: row} for the ids of samples shard `shard`; an id the prompts do not hold is left out."""
+        wanted = set(prompt_ids)
+        if self.shard_size:
+            rows = self._range(shard * self.shard_size, (shard + 1) * self.shard_size)
+            if wanted <= rows.keys():
+                return rows
+        if self._whole is None:
+            self._whole = {r["prompt_id"]: r for r in self.prompts.read(self.columns).to_pylist()}
+        return {pid: self._whole[pid] for pid in wanted if pid in self._whole}
+
+    def values(self, column: str) -> set[Any]:
+        """The distinct values of one column over all prompts, a shard at a time."""
+        seen: set[Any] = set()
+        for _, table in self.prompts.iter_shards([column]):
+            seen.update(table.column(column).unique().to_pylist())
+        return seen
+
+
 def damaged_shards(path: Path, manifest: dict[str, Any]) -> list[str]:
     """Listed shards that are missing or whose bytes no longer match their sha256 (reads every byte)."""
     bad = []
@@ -743,6 +797,10 @@ class StageOutput:
     # shards appear in it at the next fold (open, first write, finish) or `manifest()`.
     _view: dict[str, Any] | None = None
     _journal: tuple[int, Path] | None = None  # this writer's journal: (descriptor open for appending, path)
+    # The shard being written and journaled in the background while the stage computes the next one: at most one,
+    # so memory holds one extra shard and journal lines keep shard order. Collected (its error raised) by `flush`.
+    _writer: ThreadPoolExecutor | None = None
+    _pending: tuple[str, Future[dict[str, Any]]] | None = None
 
     @classmethod
     def open(cls, path: Path, stage: str, config: dict[str, Any],
@@ -856,6 +914,7 @@ class StageOutput:
 
     def manifest(self) -> dict[str, Any]:
         """The output's manifest with every journal folded in, read now (not to be modified: use `_editing`)."""
+        self.flush()
         self._follow_swap()
         manifest = read_manifest(self.path)
         assert manifest is not None
@@ -864,6 +923,7 @@ class StageOutput:
 
     def _current(self) -> dict[str, Any]:
         """The manifest as this writer knows it (see `_view`): no read."""
+        self.flush()
         self._follow_swap()
         return self._view if self._view is not None else self.manifest()
 
@@ -873,6 +933,7 @@ class StageOutput:
         with how far each journal was folded, when the block ends without an error: the fold. Then journals are
         removed: all of them if the manifest is now complete or `drop` is "all" (nobody else writes), this writer's
         own if `drop` is "own" (it writes no more)."""
+        self.flush()
         self._follow_swap()
         manifest, offsets = _load(self.path)
         if manifest is None:  # a new output (`open` put its first manifest in view)
@@ -899,13 +960,13 @@ class StageOutput:
             self._close_journal()
             _remove_journals([own])
 
-    def _append_journal(self, name: str, entry: dict[str, Any]) -> None:
+    def _append_journal(self, name: str, entry: dict[str, Any], folder: Path) -> None:
         """One line for a finished shard in this writer's journal, fsynced. Written in two halves, with a crash
         point between them, so that the crash tests can tear a line as a kill in the middle of a write would."""
         if self._journal is None:
-            path = self.path / f"{JOURNAL_PREFIX}{HOST.replace('-', '_')}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
+            path = folder / f"{JOURNAL_PREFIX}{HOST.replace('-', '_')}-{os.getpid()}-{os.urandom(4).hex()}.jsonl"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            _fsync_dir(self.path)
+            _fsync_dir(folder)
             self._journal = (fd, path)
         fd = self._journal[0]
         line = (json.dumps({"shard": name, "t": time.time_ns(), "entry": entry}, separators=(",", ":"),
@@ -953,13 +1014,35 @@ class StageOutput:
                 manifest["status"] = "running"
                 manifest.pop("fingerprint", None)
             self._marked_running = True
-        sha = write_parquet(self.path / name, table, sync_dir=False)
+        self.flush()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="negalign-shard-writer")
+        self._pending = (name, self._writer.submit(self._write_and_journal, self.path, name, table, meta or {}))
+
+    def _write_and_journal(self, folder: Path, name: str, table: pa.Table, meta: dict[str, Any]) -> dict[str, Any]:
+        """In the writer thread: the shard file (atomic, fsynced), then its journal line (fsynced)."""
+        sha = write_parquet(folder / name, table, sync_dir=False)
         crash_point("shard-renamed")
-        entry = {"rows": table.num_rows, "sha256": sha, "status": "complete", "meta": meta or {},
-                 "written_at": _now()}
-        self._append_journal(name, entry)
-        self._current()["shards"][name] = entry
+        entry = {"rows": table.num_rows, "sha256": sha, "status": "complete", "meta": meta, "written_at": _now()}
+        self._append_journal(name, entry, folder)
         crash_point("between-shards")
+        return entry
+
+    def flush(self) -> None:
+        """Wait until every shard written so far is on disk and journaled (readers in other processes see it); put
+        its entry in view, or raise its error (e.g. a full disk) here. Called before the next shard, and by `finish`."""
+        if self._pending is None:
+            return
+        name, future = self._pending
+        self._pending = None
+        entry = future.result()
+        if self._view is not None:
+            self._view["shards"][name] = entry
+
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def finish(self, num_shards: int, timings: dict[str, Any] | None = None,
                summary: dict[str, Any] | None = None) -> bool:
@@ -968,6 +1051,7 @@ class StageOutput:
         if self.readonly:
             return True
         try:
+            self.flush()
             with self._update():
                 with self._editing(drop="own") as manifest:
                     complete, extras = self._finish_locked(manifest, num_shards, timings, summary)
@@ -976,6 +1060,7 @@ class StageOutput:
                 if complete and self.path != self.final:
                     self._swap_in()
         finally:
+            self._stop_writer()
             self._close_journal()
             self._view = None
             if self._lock is not None:

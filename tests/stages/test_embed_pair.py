@@ -566,3 +566,29 @@ def test_pair_groups_from_the_real_filter(filter_run) -> None:
     for k, n in summary["groups_with_k"].items():
         assert n == sum(len(g["rejected"]) >= int(k) for g in with_target)
     assert summary["groups_with_k"]["2"] == 2 and summary["groups_with_k"]["4"] == 0
+
+
+def test_filter_summary_quantiles_match_numpy_within_a_bin() -> None:
+    """The summary folds a fixed-size histogram per shard (flat memory at any run size), not every similarity."""
+    from negalign.filter import SIM_BIN, _add, _quantiles, _sim_histogram
+
+    rng = np.random.default_rng(0)
+    parts = [np.clip(rng.normal(0.6, 0.2, n), -1, 1) for n in (1, 7, 1000, 333)]
+    parts[2][:5] = np.nan                                              # D2O prompts: no similarity
+    total = None
+    for p in parts:
+        h = _sim_histogram(p)
+        total = h if total is None else _add({**_blank(), "hist_all": total, "hist_kept": total},
+                                             {**_blank(), "hist_all": h, "hist_kept": h})["hist_all"]
+    values = np.concatenate(parts)
+    values = values[np.isfinite(values)]
+    got = _quantiles(total)
+    want = dict(zip(("q0", "q25", "q50", "q75", "q100"), np.quantile(values, [0, 0.25, 0.5, 0.75, 1]), strict=True))
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=SIM_BIN)
+    assert _quantiles(_sim_histogram(np.array([np.nan]))) == {}
+
+
+def _blank() -> dict:
+    return {"candidates": 0, "prompts": 0, "prompts_with_negatives": 0, "by_reason": Counter(),
+            "correct_by_family": Counter(), "capped_by_unique": 0}

@@ -412,6 +412,7 @@ def test_unfolded_folder_reads_as_the_manifest_would(tmp_path: Path) -> None:
     out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
     for s in range(3):
         out.write_shard(s, _table(10 * s, 10), {"k": s})
+    out.flush()                                                  # the last shard is written in the background
     on_disk = json.loads((tmp_path / "o" / MANIFEST).read_text())
     assert on_disk["shards"] == {} and len(_journals(tmp_path / "o")) == 1  # journaled, not yet folded
     folded = read_manifest(tmp_path / "o")
@@ -433,6 +434,7 @@ def test_torn_last_journal_line_is_ignored_and_the_shard_redone(tmp_path: Path) 
     out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
     out.write_shard(0, _table(0, 10))
     out.write_shard(1, _table(10, 10))
+    out.flush()
     out._lock.release()  # as if killed: no finish
     journal = _journals(tmp_path / "o")[0]
     data = journal.read_bytes()
@@ -505,3 +507,51 @@ def test_float_vectors_are_stored_plain_and_everything_else_zstd() -> None:
                       "messages.list.element.content": "ZSTD", "meta.key_value.key": "ZSTD",
                       "meta.key_value.value": "ZSTD", "embedding.list.element": "UNCOMPRESSED",
                       "rejected_sim.list.element": "UNCOMPRESSED"}
+
+
+def _prompts_folder(path: Path, sizes: list[int]) -> object:
+    out = StageOutput.open(path, "toy-prompts", {"toy": 1}, {})
+    start = 0
+    for s, n in enumerate(sizes):
+        out.write_shard(s, _table(start, n))
+        start += n
+    assert out.finish(len(sizes))
+    return open_stage(path, "toy-prompts")
+
+
+def test_prompt_rows_reads_only_the_prompts_shards_a_samples_shard_covers(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from negalign import store
+
+    prompts = _prompts_folder(tmp_path / "prompts", [25, 25, 25])           # 75 prompts, prepare-like shards
+    samples = store.StageOutput.open(tmp_path / "samples", "toy-samples", {"shard_size": 10}, {"prompts": prompts})
+    for s in range(8):                                                       # sample.py: 10 prompts a shard
+        samples.write_shard(s, _table(10 * s, min(10, 75 - 10 * s)))
+    assert samples.finish(8)
+    samples_in = open_stage(tmp_path / "samples", "toy-samples")
+    reads: list[str] = []
+    real = store.StageInput.read_shard
+    monkeypatch.setattr(store.StageInput, "read_shard",
+                        lambda self, shard, columns=None: reads.append(str(shard)) or real(self, shard, columns))
+    rows = store.PromptRows(prompts, ["prompt_id", "x"], samples_in)
+    assert rows.for_shard(2, ["p20", "p29"]) == {f"p{i}": {"prompt_id": f"p{i}", "x": i} for i in range(20, 30)}
+    assert reads == ["part-00000.parquet", "part-00001.parquet"]             # rows 20..29 straddle shards 0 and 1
+    assert set(rows.for_shard(3, ["p30"])) == {f"p{i}" for i in range(30, 40)}
+    assert reads == ["part-00000.parquet", "part-00001.parquet"]             # shard 1 was kept: no new read
+    assert set(rows.for_shard(7, ["p70", "p74"])) == {f"p{i}" for i in range(70, 75)}
+    assert rows.values("x") == set(range(75))
+    # Ids outside the expected range (e.g. prompts not sampled in this order): the whole folder, indexed once.
+    assert rows.for_shard(0, ["p60", "nope"]) == {"p60": {"prompt_id": "p60", "x": 60}}
+
+
+def test_prompt_rows_of_other_prompts_index_the_whole_folder(tmp_path: Path) -> None:
+    from negalign import store
+
+    sampled = _prompts_folder(tmp_path / "sft_prompts", [10])
+    superset = _prompts_folder(tmp_path / "prompts", [30, 30])
+    samples = store.StageOutput.open(tmp_path / "samples", "toy-samples", {"shard_size": 10}, {"prompts": sampled})
+    samples.write_shard(0, _table(0, 10))
+    assert samples.finish(1)
+    rows = store.PromptRows(superset, ["prompt_id", "x"], open_stage(tmp_path / "samples", "toy-samples"))
+    assert rows.shard_size is None                                   # not the prompts the samples were made from
+    assert set(rows.for_shard(0, ["p3", "p45"])) == {"p3", "p45"}
