@@ -303,6 +303,9 @@ class EvalConfig(Common):
 class ReportConfig(Common):
     against: tuple[str, str] | None = opt(None, "Two eval names to compare prompt by prompt: --against A B "
                                                 "(YAML: against: [A, B]).")
+    compare: list[str] | None = opt(None, "More paired comparisons, each A:B (repeatable: --compare sc-k8:sft "
+                                          "--compare sc-k4:sft). report.md gets one table of all of them (A − B, "
+                                          "paired 95% CI, McNemar p) and each one's full table.")
     bootstrap: int = opt(2000, "Bootstrap resamples for the paired intervals.", min=100)
 
 

@@ -11,7 +11,10 @@ Writes `RUN/report/report.md` and PNGs next to it, and prints the table in the t
   horizontal reference lines), each metric per model, and the answer-length distribution per model.
 - `--against A B`: per-prompt paired comparison of two eval folders on their shared prompts: win/tie/loss by checker,
   embed-sim and reward, the mean difference A − B with a paired bootstrap 95 % interval, and McNemar's exact p for
-  checker accuracy.
+  checker accuracy. `--compare A:B` (repeatable) adds more pairs, with one summary table of all of them.
+- The displacement picture: per training step, the chosen answer's log-ratio to the reference per token (the
+  preference models; `train`'s warning threshold as a line) and the chosen's summed log-prob (every trained model),
+  from each evaluated model's `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -343,6 +346,56 @@ def plot_lengths(groups: list[Group], tokens: dict[str, np.ndarray], out: Path) 
     return path
 
 
+def _training_log(m: Model) -> list[dict[str, Any]]:
+    """The model's `metrics.jsonl` (one line per optimizer step), or [] when there is none (base models)."""
+    folder = m.summary.get("model_path")
+    f = Path(folder) / "metrics.jsonl" if folder else None
+    if f is None or not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a killed run
+            continue
+    return [r for r in rows if "step" in r]
+
+
+def plot_displacement(models: list[Model], out: Path) -> Path | None:
+    """Per step: the chosen's log-ratio per token (preference models, with train's warning threshold) and the
+    chosen's summed log-prob (every trained model). A falling chosen is likelihood displacement (arXiv 2410.08847)."""
+    logs = {m.name: _training_log(m) for m in models}
+    logs = {k: v for k, v in logs.items() if any("logps/chosen" in r for r in v)}
+    if not logs:
+        return None
+    from negalign.losses import DISPLACEMENT_THRESHOLD
+
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    for name, rows in sorted(logs.items()):
+        ratio = [(r["step"], r["logratio/chosen_per_token"]) for r in rows if "logratio/chosen_per_token" in r]
+        if ratio:
+            left.plot(*zip(*ratio, strict=True), label=name, lw=1)
+        lp = [(r["step"], r["logps/chosen"]) for r in rows if "logps/chosen" in r]
+        right.plot(*zip(*lp, strict=True), label=name, lw=1, ls="-" if ratio else "--")
+    left.axhline(DISPLACEMENT_THRESHOLD, color="red", lw=1, ls=":", label=f"warning ({DISPLACEMENT_THRESHOLD:g})")
+    left.axhline(0.0, color="black", lw=0.6)
+    left.set_xlabel("optimizer step")
+    left.set_ylabel("chosen log-ratio to the reference (nats/token)")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("chosen summed log-prob (policy; dashed: no reference)")
+    handles, labels = right.get_legend_handles_labels()
+    extra = [(h, lab) for h, lab in zip(*left.get_legend_handles_labels(), strict=True) if lab.startswith("warning")]
+    fig.legend(handles + [h for h, _ in extra], labels + [lab for _, lab in extra], loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    fig.suptitle("Likelihood displacement: the chosen answer during training (per optimizer step)", fontsize=9)
+    fig.tight_layout()
+    path = out / "displacement.png"
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 # ----------------------------------------------------------------------------------------------- paired
 
 def _scores(m: Model) -> pa.Table:
@@ -392,6 +445,21 @@ def paired(a: Model, b: Model, cfg: ReportConfig) -> dict[str, Any]:
     return result
 
 
+def _pairs_md(comparisons: list[dict[str, Any]]) -> str:
+    """One row per comparison: checker accuracy A − B with its paired interval and McNemar's p."""
+    rows = []
+    for c in comparisons:
+        e = c["metrics"].get("correct")
+        if e is None:
+            continue
+        rows.append([f"{c['a']} vs {c['b']}", str(c["prompts"]), f"{100 * e['a_mean']:.1f}%",
+                     f"{100 * e['b_mean']:.1f}%", _diff(e["diff"], "correct"),
+                     f"{e['win']} / {e['tie']} / {e['loss']}",
+                     f"{e['mcnemar']['p']:.3g}" if "mcnemar" in e else "–"])
+    return _md_table(["A vs B", "prompts", "A", "B", "A − B (paired 95% CI)", "A better / tie / B better",
+                      "McNemar p"], rows)
+
+
 def _paired_md(res: dict[str, Any]) -> str:
     a, b = res["a"], res["b"]
     rows = []
@@ -421,10 +489,16 @@ def run(cfg: ReportConfig) -> Path:
     against = [n for item in (cfg.against or []) for n in str(item).replace(",", " ").split()]
     if against and len(against) != 2:
         raise UsageError(f"--against takes two eval names (--against A --against B), got {len(against)}")
+    pairs = [tuple(against)] if against else []
+    for item in cfg.compare or []:
+        a, sep, b = str(item).partition(":")
+        if not sep or not a.strip() or not b.strip():
+            raise UsageError(f"--compare {item}: expected A:B, two eval names")
+        pairs.append((a.strip(), b.strip()))
     by_name = {m.name: m for m in models}
-    for name in against:
+    for name in {n for pair in pairs for n in pair}:
         if name not in by_name:
-            raise UsageError(f"--against: no eval named {name!r} (have: {', '.join(sorted(by_name))})")
+            raise UsageError(f"--against/--compare: no eval named {name!r} (have: {', '.join(sorted(by_name))})")
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_models(models)
@@ -434,17 +508,17 @@ def run(cfg: ReportConfig) -> Path:
             tokens[m.name] = open_stage(m.path / "scores", "eval").read(["num_tokens"]).column(
                 "num_tokens").to_numpy(zero_copy_only=False)
     plots = {"metric_vs_k": plot_vs_k(groups, out), "per_model": plot_per_model(groups, out),
-             "lengths": plot_lengths(groups, tokens, out)}
-    comparison = paired(by_name[against[0]], by_name[against[1]], cfg) if against else None
-    md = _markdown(groups, plots, comparison, run_dir)
+             "lengths": plot_lengths(groups, tokens, out), "displacement": plot_displacement(models, out)}
+    comparisons = [paired(by_name[a], by_name[b], cfg) for a, b in pairs]
+    md = _markdown(groups, plots, comparisons, run_dir)
     atomic_write_text(out / "report.md", md)
-    _print(groups, comparison)
+    _print(groups, comparisons)
     console.print(f"report: {len(models)} evals in {len(groups)} groups -> {out / 'report.md'} "
                   f"({', '.join(p.name for p in plots.values() if p)})")
     return out / "report.md"
 
 
-def _markdown(groups: list[Group], plots: dict[str, Path | None], comparison: dict[str, Any] | None,
+def _markdown(groups: list[Group], plots: dict[str, Path | None], comparisons: list[dict[str, Any]],
               run_dir: Path) -> str:
     cols = _columns(groups)
     first = groups[0].first.summary
@@ -478,13 +552,18 @@ def _markdown(groups: list[Group], plots: dict[str, Path | None], comparison: di
                     cells.append("–")
             frows.append([g.label, *cells])
         lines += [_md_table(["model", *fams], frows), ""]
-    if comparison:
+    if len(comparisons) > 1:
+        lines += ["## Paired comparisons", "", _pairs_md(comparisons), ""]
+    for comparison in comparisons:
         lines += [f"## Paired: {comparison['a']} vs {comparison['b']}", "", _paired_md(comparison), ""]
     lines += ["## Plots", ""]
     captions = {"metric_vs_k": "Metric against K for the Self-Contrast (`sc`) models; dashed lines: the other models.",
                 "per_model": "Each metric per model.",
                 "lengths": "Answer length per model. DPO-family training is known to lengthen answers; "
-                           "compare with the base/SFT rows."}
+                           "compare with the base/SFT rows.",
+                "displacement": "The chosen answer during training: its log-ratio to the reference per token "
+                                "(left; below the dotted line `train` warns of likelihood displacement) and its "
+                                "summed log-prob (right)."}
     for key, caption in captions.items():
         if plots.get(key):
             lines += [f"{caption}", "", f"![{key}]({plots[key].name})", ""]
@@ -509,7 +588,7 @@ def _short(v: dict[str, Any] | None, key: str) -> str:
     return stats.fmt_interval(v, **_style(key), seeds="count")
 
 
-def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
+def _print(groups: list[Group], comparisons: list[dict[str, Any]]) -> None:
     from rich.markup import escape
     from rich.table import Table
 
@@ -522,7 +601,7 @@ def _print(groups: list[Group], comparison: dict[str, Any] | None) -> None:
     for g in groups:
         table.add_row(escape(g.label), *[_short(g.value(k), k) for k in cols])
     console.print(table)
-    if comparison:
+    for comparison in comparisons:
         t2 = Table(title=escape(f"paired: A = {comparison['a']} vs B = {comparison['b']} "
                                 f"({comparison['prompts']} prompts)"),
                    title_justify="left")

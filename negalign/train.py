@@ -42,14 +42,6 @@ DPOP_OBJECTIVES = ("sc", "dpo")  # --dpop-lambda: the DPOP penalty is defined on
 PAPER_DEFAULTS = {"selm": {"beta": 0.01, "alpha": 0.001}, "d2o": {"beta": 0.1, "alpha": 0.1}}
 PREFERENCE_WARMUP_RATIO = 0.1  # the warm-up of common DPO recipes (issue 19: LoRA-DPO ~5e-6 with 10 % warmup)
 
-DISPLACEMENT_THRESHOLD = -0.5
-"""Nats per token. `train` warns of likelihood displacement when the chosen answer's mean log-ratio to the reference,
-`logratio/chosen_per_token` = (logp(π, y*) − logp(πref, y*)) / |y*|, over the last 10 % of the logged steps is below
-this. A heuristic, chosen so: at −0.5 the chosen's tokens keep on average e^−0.5 ≈ 61 % of their reference
-probability, so a 5-token answer keeps e^−2.5 ≈ 8 % of its sequence probability and greedy decoding may no
-longer give it back; and it is far outside the drift that a healthy DPO run needs, since the paper's ~200-token
-answers reach a comfortable margin with about 0.07 nats per token in all. A small fall of the chosen is common in
-DPO (arXiv 2402.13228, 2410.08847) and does not trigger it."""
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -72,7 +64,7 @@ def warmup(cfg: TrainConfig) -> tuple[int, float]:
     return 0, 0.0 if cfg.objective == "sft" else PREFERENCE_WARMUP_RATIO
 
 
-def displacement_warning(logged: list[dict[str, Any]], threshold: float = DISPLACEMENT_THRESHOLD,
+def displacement_warning(logged: list[dict[str, Any]], threshold: float = losses.DISPLACEMENT_THRESHOLD,
                          tail: float = 0.1) -> tuple[float | None, str | None]:
     """(the chosen's mean `logratio/chosen_per_token` over the last `tail` share of the logged steps, at least one;
     the one-line warning when it is below `threshold`, else None). (None, None) when no step logged it (sft, d2o)."""

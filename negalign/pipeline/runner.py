@@ -147,10 +147,19 @@ def _report(pipe: Pipeline) -> None:
     if not any(s.stage == "eval" for s in pipe.steps):
         return
     options = dict(pipe.report_options) if isinstance(pipe.report_options, dict) else {}
-    missing = [a for a in options.get("against") or [] if not (pipe.run / "eval" / a / "summary.json").exists()]
+    def evaluated(name: str) -> bool:
+        return (pipe.run / "eval" / name.strip() / "summary.json").exists()
+
+    missing = [a for a in options.get("against") or [] if not evaluated(a)]
     if missing:  # e.g. after --only: the table without the paired comparison
         console.print(f"report: no paired comparison, {', '.join(missing)} not evaluated yet")
         options.pop("against")
+    if options.get("compare"):
+        ready = [c for c in options["compare"] if all(evaluated(n) for n in str(c).split(":"))]
+        if len(ready) < len(options["compare"]):
+            console.print(f"report: {len(options['compare']) - len(ready)} --compare pair(s) left out, not evaluated "
+                          "yet")
+        options["compare"] = ready
     step = Step("report", "report", {"run": str(pipe.run), "seed": pipe.seed, **options})
     step.cfg = resolve(STAGES["report"].config, "report", {}, step.options, source=f"{pipe.path}: report")
     _run_stage(pipe, step, overwrite=True)

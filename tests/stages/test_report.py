@@ -147,3 +147,35 @@ def test_same_objective_on_other_training_data_is_not_a_seed(tmp_path):
         summary_file.write_text(json.dumps({**summary, "model_path": str(folder)}))
     groups = report.group_models(report.load_models(run))
     assert sorted(sorted(m.name for m in g.models) for g in groups) == [["sc-s0", "sc-s1"], ["spin"]]
+
+
+def test_report_compares_several_pairs_and_plots_the_chosen_during_training(tmp_path, synthetic_run):
+    """`compare` adds pairs (one summary table); each trained model's metrics.jsonl gives the displacement plot."""
+    for name, drift in (("sc-k4", -0.08), ("sft", None)):
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        lines = []
+        for step in range(1, 21):
+            row = {"step": step, "loss": 0.5, "logps/chosen": -5.0 + (drift or 0.01) * step}
+            if drift is not None:  # a preference model logs the chosen's log-ratio to the reference
+                row["logratio/chosen_per_token"] = drift * step
+            lines.append(json.dumps(row))
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 21, \"lo")  # a torn last line
+        summary_file = synthetic_run / "eval" / name / "summary.json"
+        summary = json.loads(summary_file.read_text())
+        summary_file.write_text(json.dumps({**summary, "model_path": str(folder)}))
+    md_path = report.run(ReportConfig(run=str(synthetic_run), compare=["sc-k4:base", "sc-k1:sft"], bootstrap=300))
+    md = md_path.read_text()
+    table = md.split("## Paired comparisons")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| sc-")]
+    assert [r.split("|")[1].strip() for r in rows] == ["sc-k4 vs base", "sc-k1 vs sft"]
+    ca = pq.read_table(synthetic_run / "eval" / "sc-k1" / "scores").column("correct").to_pylist()
+    cb = pq.read_table(synthetic_run / "eval" / "sft" / "scores").column("correct").to_pylist()
+    assert rows[1].strip("|").split("|")[-1].strip() == f"{stats.mcnemar_exact(ca, cb)['p']:.3g}"
+    assert "## Paired: sc-k4 vs base" in md and "## Paired: sc-k1 vs sft" in md
+    png = md_path.parent / "displacement.png"
+    with Image.open(png) as im:
+        im.verify()
+    assert "](displacement.png)" in md
+    with pytest.raises(UsageError, match="expected A:B"):
+        report.run(ReportConfig(run=str(synthetic_run), compare=["sc-k4"]))

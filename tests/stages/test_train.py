@@ -124,7 +124,8 @@ def test_dpop_lambda_is_refused_outside_sc_and_dpo(tmp_path, objective):
 
 
 def test_displacement_warning_fires_below_the_threshold_only():
-    from negalign.train import DISPLACEMENT_THRESHOLD, displacement_warning
+    from negalign.losses import DISPLACEMENT_THRESHOLD
+    from negalign.train import displacement_warning
 
     def rows(values):
         return [{"step": i + 1, "loss": 0.5, "logratio/chosen_per_token": v} for i, v in enumerate(values)]
