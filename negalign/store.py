@@ -916,6 +916,7 @@ class StageOutput:
         """The output's manifest with every journal folded in, read now (not to be modified: use `_editing`)."""
         self.flush()
         self._follow_swap()
+        self._view = None  # not two copies at once: at 15,625 shards each is ~20 MB
         manifest = read_manifest(self.path)
         assert manifest is not None
         self._view = manifest
@@ -935,11 +936,13 @@ class StageOutput:
         own if `drop` is "own" (it writes no more)."""
         self.flush()
         self._follow_swap()
+        view, self._view = self._view, None  # until written: a failed edit must not leave its half-changes in view
+        if (self.path / MANIFEST).exists() or (self.path / LEGACY_MANIFEST).exists():
+            view = None                      # read again below: not two copies at once
         manifest, offsets = _load(self.path)
         if manifest is None:  # a new output (`open` put its first manifest in view)
-            assert self._view is not None
-            manifest, offsets = self._view, {}
-        self._view = None  # until written: a failed edit must not leave its half-changes in view
+            assert view is not None
+            manifest, offsets = view, {}
         if manifest["status"] == "complete":  # journals beside a complete manifest are leftovers of a killed fold
             _remove_journals(journal_files(self.path))
         yield manifest
