@@ -635,7 +635,7 @@ def _holder_alive(h: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _flock(file: Path) -> Iterator[None]:
+def flock(file: Path) -> Iterator[None]:
     with open(file, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -661,7 +661,7 @@ class RunLock:
         self.alone = False  # nobody else held the output when we took it
 
     def mutex(self) -> contextlib.AbstractContextManager[None]:
-        return _flock(self.mutex_file)
+        return flock(self.mutex_file)
 
     def _write_info(self, info: dict[str, Any]) -> None:
         assert self.fd is not None

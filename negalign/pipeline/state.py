@@ -46,12 +46,15 @@ class State:
 
     def __init__(self, run: Path) -> None:
         self.file = Path(run) / STATE_DIR / "state.json"
-        self.steps: dict[str, Any] = {}
-        if self.file.exists():
-            try:
-                self.steps = json.loads(self.file.read_text()).get("steps", {})
-            except ValueError:
-                self.steps = {}
+        self.steps: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if not self.file.exists():
+            return {}
+        try:
+            return json.loads(self.file.read_text()).get("steps", {})
+        except ValueError:
+            return {}
 
     def record(self, step: Step) -> None:
         self.steps[step.name] = {"stage": step.stage, "config": step.config,
@@ -60,7 +63,12 @@ class State:
                                  "outputs": {str(p): path_fingerprint(p) for p in step.outputs},
                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_json(self.file, {"steps": self.steps})
+        # Two `negalign run --only …` on one run directory at once: each adds its own step to what is on disk now
+        # (under a lock), so neither drops the other's records.
+        with store.flock(self.file.with_name("state.lock")):
+            on_disk = self._read()
+            self.steps = {**on_disk, step.name: self.steps[step.name]}
+            store.atomic_write_json(self.file, {"steps": self.steps})
 
     def status(self, step: Step) -> tuple[str, str]:
         """(state, detail): done, missing, unfinished, config changed, input changed, output changed, not recorded."""

@@ -138,6 +138,23 @@ def test_second_run_does_no_work_and_dry_run_names_each_state(tmp_path: Path) ->
     assert "second (slice): missing" in rerun and "1 step(s) run, 2 already done" in rerun, rerun
 
 
+def test_two_runners_on_one_run_keep_each_others_records(tmp_path: Path) -> None:
+    """Two `run --only …` at once on one run directory: each State was loaded before the other recorded anything;
+    the state file must end with both steps (it used to keep only the last writer's)."""
+    from negalign.pipeline.state import State
+
+    pipe = Pipeline(chain(tmp_path))
+    steps = {s.name: s for s in pipe.steps}
+    a, b = State(pipe.run), State(pipe.run)
+    a.record(steps["prep"])
+    b.record(steps["first"])
+    on_disk = json.loads((pipe.run / "_pipeline" / "state.json").read_text())["steps"]
+    assert set(on_disk) == {"prep", "first"}
+    a.record(steps["second"])
+    assert set(json.loads((pipe.run / "_pipeline" / "state.json").read_text())["steps"]) == {"prep", "first",
+                                                                                              "second"}
+
+
 def test_failure_stops_with_the_step_name_and_the_error(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "p.yaml", {
         "run": str(tmp_path / "run"),
