@@ -121,6 +121,18 @@ def trl_rows(pairs: pa.Table) -> pa.Table:
     return pa.table({"prompt": prompt, "chosen": chosen, "rejected": rejected}, schema=TRL_SCHEMA)
 
 
+def _summary(metas: list[dict[str, Any]]) -> dict[str, Any]:
+    """The output's summary from every shard's meta (all workers' shards: read from the folded manifest)."""
+    summary = {"groups": sum(m.get("groups", 0) for m in metas), "pairs": sum(m.get("pairs", 0) for m in metas),
+               "d2o_groups": sum(m.get("d2o_groups", 0) for m in metas),
+               "skipped": {r: sum(m.get("skipped", {}).get(r, 0) for m in metas) for r in SKIP_REASONS}}
+    summary["groups_with_k"] = {str(k): sum(m.get("groups_with_k", {}).get(str(k), 0) for m in metas)
+                                for k in K_LADDER}
+    with_target = summary["groups"] - summary["d2o_groups"]
+    summary["mean_negatives_per_group"] = round(summary["pairs"] / with_target, 3) if with_target else 0.0
+    return summary
+
+
 def run(cfg: PairConfig) -> None:
     negatives = open_stage(*stage_input(cfg, "negatives"))
     samples = open_stage(*stage_input(cfg, "samples"))
@@ -185,14 +197,7 @@ def run(cfg: PairConfig) -> None:
                 for k, v in skipped.items():
                     totals["skipped"][k] += v
                 bar.advance(task)
-    metas = [e["meta"] for e in out.manifest()["shards"].values()]
-    summary = {"groups": sum(m.get("groups", 0) for m in metas), "pairs": sum(m.get("pairs", 0) for m in metas),
-               "d2o_groups": sum(m.get("d2o_groups", 0) for m in metas),
-               "skipped": {r: sum(m.get("skipped", {}).get(r, 0) for m in metas) for r in SKIP_REASONS}}
-    summary["groups_with_k"] = {str(k): sum(m.get("groups_with_k", {}).get(str(k), 0) for m in metas)
-                                for k in K_LADDER}
-    with_target = summary["groups"] - summary["d2o_groups"]
-    summary["mean_negatives_per_group"] = round(summary["pairs"] / with_target, 3) if with_target else 0.0
+    summary = _summary([e["meta"] for e in out.manifest()["shards"].values()])
     complete = out.finish(num_shards, timings={"pair_s": round(time.time() - t0, 2)}, summary=summary)
 
     exported = ""
