@@ -445,7 +445,7 @@ def paired(a: Model, b: Model, cfg: ReportConfig) -> dict[str, Any]:
     return result
 
 
-def _pairs_md(comparisons: list[dict[str, Any]]) -> str:
+def pairs_table(comparisons: list[dict[str, Any]]) -> str:
     """One row per comparison: checker accuracy A − B with its paired interval and McNemar's p."""
     rows = []
     for c in comparisons:
@@ -553,7 +553,7 @@ def _markdown(groups: list[Group], plots: dict[str, Path | None], comparisons: l
             frows.append([g.label, *cells])
         lines += [_md_table(["model", *fams], frows), ""]
     if len(comparisons) > 1:
-        lines += ["## Paired comparisons", "", _pairs_md(comparisons), ""]
+        lines += ["## Paired comparisons", "", pairs_table(comparisons), ""]
     for comparison in comparisons:
         lines += [f"## Paired: {comparison['a']} vs {comparison['b']}", "", _paired_md(comparison), ""]
     lines += ["## Plots", ""]
