@@ -149,6 +149,13 @@ def test_self_contrast_example_runs_tiny_on_one_path(tmp_path: Path) -> None:
     _run_tiny(tmp_path, "self_contrast.yaml", "sft_prompts=4", "val_prompts=3", "n_samples=4", "k_set=1",
               "test.count=3", only=path)
     assert _evaluated(tmp_path) == {"sc-k1"}
+    # The write-up's tables come from the run directory alone (examples/experiment_tables.py).
+    import subprocess
+    import sys
+
+    tables = subprocess.run([sys.executable, str(EXAMPLES / "experiment_tables.py"), str(tmp_path / "run")],
+                            capture_output=True, text=True, check=True).stdout
+    assert "| sc-k1 | sc | 1 |" in tables and "Not evaluated (left out): " in tables
 
 
 @pytest.mark.slow
