@@ -78,7 +78,7 @@ class State:
                 return "missing", ""
             if manifest.get("status") != "complete":
                 return "unfinished", "the stage resumes it"
-        rec = self.steps.get(step.name)
+        rec = self.steps.get(step.name) or self._read().get(step.name)  # or recorded meanwhile by another runner
         if rec is None:
             return "not recorded", "outputs exist; the stage checks them"
         if rec["config_fingerprint"] != store.fingerprint(step.config):
@@ -96,7 +96,7 @@ class State:
 
     def soft_change(self, step: Step) -> bool:
         """Only options the stage resumes by itself changed (e.g. a larger num_samples tops up)."""
-        rec = self.steps.get(step.name)
+        rec = self.steps.get(step.name) or self._read().get(step.name)  # or recorded meanwhile by another runner
         if rec is None:
             return False
         old, new = rec["config"], step.config
