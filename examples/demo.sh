@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: examples/demo.yaml on the offline default models (SmolLM2-135M-Instruct + all-MiniLM-L6-v2).
 # SFT -> sample -> embed -> filter -> pair -> train sc -> eval base/SFT/SC on held-out prompts -> report.
-# Re-running skips every finished step. Extra overrides: DEMO_SET="--set sc_prompts=32 --set test_prompts=72".
+# Re-running skips every finished step. Extra overrides: DEMO_SET="--set sft_prompts=72 --set test_prompts=72".
 set -euo pipefail
 RUN=${RUN:-runs/demo}
 PY=${PY:-.venv/bin/python}

@@ -111,13 +111,13 @@ def _evaluated(tmp_path: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_demo_runs_tiny_and_resumes(tmp_path: Path) -> None:
-    _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test_prompts=3", "k=1",
-              "sft_epochs=1")
+    _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "n_samples=4", "test_prompts=3", "k=1", "sft_epochs=1",
+              "sc_steps=2")
     assert _evaluated(tmp_path) == {"base", "sft", "sc"}
     summary = json.loads((tmp_path / "run" / "eval" / "sc" / "summary.json").read_text())
     assert summary
-    again = _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "sc_prompts=3", "n_samples=4", "test_prompts=3", "k=1",
-                      "sft_epochs=1")
+    again = _run_tiny(tmp_path, "demo.yaml", "sft_prompts=4", "n_samples=4", "test_prompts=3", "k=1", "sft_epochs=1",
+                      "sc_steps=2")
     assert " 0 step(s) run" in again
 
 
