@@ -364,20 +364,34 @@ def _training_log(m: Model) -> list[dict[str, Any]]:
 def plot_displacement(models: list[Model], out: Path) -> Path | None:
     """Per step: the chosen's log-ratio per token (preference models, with train's warning threshold) and the
     chosen's summed log-prob (every trained model). A falling chosen is likelihood displacement (arXiv 2410.08847)."""
-    logs = {m.name: _training_log(m) for m in models}
-    logs = {k: v for k, v in logs.items() if any("logps/chosen" in r for r in v)}
+    logs: dict[str, list[dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for m in sorted(models, key=lambda m: (m.name.startswith("val-"), m.name)):  # one line per model folder
+        folder = str(m.summary.get("model_path"))
+        rows = _training_log(m)
+        if folder not in seen and any("logps/chosen" in r for r in rows):
+            seen.add(folder)
+            logs[m.name] = rows
     if not logs:
         return None
     from negalign.losses import DISPLACEMENT_THRESHOLD
 
+    def smooth(points: list[tuple[float, float]]) -> tuple[list[float], np.ndarray]:
+        """A 5-step moving average: one step holds only a few groups, so single steps are noisy."""
+        steps, values = zip(*points, strict=True)
+        width = min(5, len(values))
+        return list(steps)[width - 1:], np.convolve(values, np.ones(width) / width, mode="valid")
+
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
-    for name, rows in sorted(logs.items()):
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, rows) in enumerate(sorted(logs.items())):
+        color = colors[i % len(colors)]
         ratio = [(r["step"], r["logratio/chosen_per_token"]) for r in rows if "logratio/chosen_per_token" in r]
         if ratio:
-            left.plot(*zip(*ratio, strict=True), label=name, lw=1)
+            left.plot(*smooth(ratio), label=name, lw=1, color=color)
         lp = [(r["step"], r["logps/chosen"]) for r in rows if "logps/chosen" in r]
-        right.plot(*zip(*lp, strict=True), label=name, lw=1, ls="-" if ratio else "--")
+        right.plot(*smooth(lp), label=name, lw=1, ls="-" if ratio else "--", color=color)
     left.axhline(DISPLACEMENT_THRESHOLD, color="red", lw=1, ls=":", label=f"warning ({DISPLACEMENT_THRESHOLD:g})")
     left.axhline(0.0, color="black", lw=0.6)
     left.set_xlabel("optimizer step")
@@ -388,7 +402,7 @@ def plot_displacement(models: list[Model], out: Path) -> Path | None:
     extra = [(h, lab) for h, lab in zip(*left.get_legend_handles_labels(), strict=True) if lab.startswith("warning")]
     fig.legend(handles + [h for h, _ in extra], labels + [lab for _, lab in extra], loc="center left",
                bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle("Likelihood displacement: the chosen answer during training (per optimizer step)", fontsize=9)
+    fig.suptitle("Likelihood displacement: the chosen answer during training (5-step moving average)", fontsize=9)
     fig.tight_layout()
     path = out / "displacement.png"
     fig.savefig(path, bbox_inches="tight")

@@ -132,13 +132,18 @@ def test_displacement_warning_fires_below_the_threshold_only():
 
     assert DISPLACEMENT_THRESHOLD == -0.5
     # 20 steps: the last 10 % (2 steps) decide, not the early ones
-    mean, warning = displacement_warning(rows([0.0] * 18 + [-0.6, -0.8]))
-    assert mean == pytest.approx(-0.7) and warning is not None and "\n" not in warning
+    mean, low, warning = displacement_warning(rows([0.0] * 18 + [-0.6, -0.8]))
+    assert mean == pytest.approx(-0.7) and low == pytest.approx(-0.7) and warning is not None
     assert "likelihood displacement" in warning and "--sft-weight" in warning and "--dpop-lambda" in warning
-    assert displacement_warning(rows([-2.0] * 18 + [-0.1, -0.2]))[1] is None  # recovered by the end
-    assert displacement_warning(rows([-0.49]))[1] is None and displacement_warning(rows([-0.51]))[1]
-    assert displacement_warning(rows([-1.0]), threshold=-2.0)[1] is None
-    assert displacement_warning([{"step": 1, "loss": 1.0, "logps/chosen": -3.0}]) == (None, None)  # sft: no ratio
+    assert "\n" not in warning and "now gives its targets less probability" in warning
+    # a dip in the middle (2-step windows: the lowest is steps 9-10), recovered by the end: still one warning line
+    mean, low, warning = displacement_warning(rows([0.0] * 8 + [-0.9, -0.7] + [0.0] * 8 + [-0.1, -0.2]))
+    assert mean == pytest.approx(-0.15) and low == pytest.approx(-0.8)
+    assert warning is not None and "during the run" in warning and "up to step 10" in warning and "\n" not in warning
+    assert displacement_warning(rows([0.0] * 8 + [-0.9, 0.0] + [0.0] * 10))[2] is None  # one bad step, mean -0.45
+    assert displacement_warning(rows([-0.49]))[2] is None and displacement_warning(rows([-0.51]))[2]
+    assert displacement_warning(rows([-1.0]), threshold=-2.0)[2] is None
+    assert displacement_warning([{"step": 1, "loss": 1.0, "logps/chosen": -3.0}]) == (None, None, None)  # sft
 
 
 def test_warmup_defaults_and_fingerprint_keys(tmp_path):
