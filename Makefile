@@ -52,8 +52,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 RUN=$(RUN) PY=$(PY) bash examples/demo.sh
 
-# The Self-Contrast experiment, redesigned (issue 19): a validation LR sweep, K = 1, 2, 4, 8 on one fixed prompt set,
-# the guards, seeds, controls; run it in the phases its header gives (estimated ~2.3 hours on a 2-core CPU, not yet run).
+# The Self-Contrast experiment (issue 19): a validation LR sweep, K = 1, 2, 4, 8 on one fixed prompt set, the guards,
+# seeds, controls. Its YAML's defaults hold the values chosen on validation in the run of 2026-12-07 (97.5 min with
+# two runners on one core each; one after another about 2-2.5 h on this 2-core CPU). Results: docs/results.md.
 experiment: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m negalign run examples/self_contrast.yaml
 
