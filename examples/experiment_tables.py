@@ -17,7 +17,6 @@ from pathlib import Path
 
 from negalign import report
 from negalign.config import ReportConfig
-from negalign.store import read_manifest
 
 # (A, B) pairs, in the order the hypotheses use them; pairs whose evals are missing are left out with a note.
 PAIRS = [
@@ -30,12 +29,6 @@ PAIRS = [
 ]
 
 
-def train_summary(m: report.Model) -> dict:
-    folder = m.summary.get("model_path")
-    manifest = read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
-    return (manifest or {}).get("summary") or {}
-
-
 def pct(v: dict | None) -> str:
     return f"{100 * v['mean']:.1f}% [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}] (n={v['n']})" if v else "–"
 
@@ -45,7 +38,7 @@ def arm_table(models: list[report.Model], title: str) -> list[str]:
             "displacement warning", "train s"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|---|---|---:|---:|---|---:|---:|---|---:|"]
     for m in models:
-        t, s = m.train, train_summary(m)
+        t, s = m.train, m.train_manifest.get("summary") or {}
         ratio = s.get("chosen_logratio_per_token_last")
         emb = m.metric("embed_sim")
         opts = [f"sft_weight {t['sft_weight']:g}" if t.get("sft_weight") else "",

@@ -248,11 +248,9 @@ def _add(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Kept / dropped by reason and similarity quantiles (all candidates and kept ones), over shards."""
-    total: dict[str, Any] | None = None
-    for part in parts:
-        total = _add(total, part)
+def _combine(total: dict[str, Any] | None) -> dict[str, Any]:
+    """Kept / dropped by reason and similarity quantiles (all candidates and kept ones), from the partial summaries
+    folded with `_add` (None: no shard)."""
     if total is None:
         return {"candidates": 0, "prompts": 0, "prompts_with_negatives": 0, "by_reason": {},
                 "sim_quantiles_all": {}, "sim_quantiles_kept": {}}
@@ -269,7 +267,7 @@ def _combine(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summarise(table: pa.Table) -> dict[str, Any]:
     """Kept / dropped by reason and similarity quantiles (all candidates and kept ones) of a filter output."""
-    return _combine([_partial_summary(table)])
+    return _combine(_partial_summary(table))
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -360,6 +358,6 @@ def run(cfg: FilterConfig) -> None:
         prompts = shard_prompts(s, table.column("prompt_id")) if cfg.checkers else None
         total = _add(total, _partial_summary(table, task_of(prompts),
                                              entry.get("meta", {}).get("capped_by_unique")))
-    summary = _combine([total] if total is not None else [])
+    summary = _combine(total)
     out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

@@ -78,15 +78,20 @@ class Model:
         return float(b) if isinstance(b, int | float) and self.objective not in ("base", "sft") else None
 
     @cached_property
-    def train_inputs(self) -> dict[str, Any]:
-        """What the model was trained on ({"pairs": fingerprint}), from its folder's manifest: the same objective on
-        other data (e.g. a SPIN-like baseline's random negatives) is another method, not another seed."""
+    def train_manifest(self) -> dict[str, Any]:
+        """The trained model folder's manifest ({} for a base model, or one that cannot be read)."""
         folder = self.summary.get("model_path")
         try:
             manifest = store.read_manifest(Path(folder)) if folder and Path(folder).is_dir() else None
         except (UsageError, OSError):  # a damaged model manifest only loses the grouping detail
             manifest = None
-        return dict(manifest.get("inputs") or {}) if manifest else {}
+        return manifest or {}
+
+    @property
+    def train_inputs(self) -> dict[str, Any]:
+        """What the model was trained on ({"pairs": fingerprint}), from its folder's manifest: the same objective on
+        other data (e.g. a SPIN-like baseline's random negatives) is another method, not another seed."""
+        return dict(self.train_manifest.get("inputs") or {})
 
     def method(self, *, ignore: tuple[str, ...] = ()) -> list[Any]:
         """What defines the training method: its options (not seeds, paths or runtime flags) and its data."""
@@ -495,6 +500,14 @@ def _paired_md(res: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------- run
 
+def compare_pair(item: str) -> tuple[str, str]:
+    """`--compare A:B` -> (A, B)."""
+    a, sep, b = str(item).partition(":")
+    if not sep or not a.strip() or not b.strip():
+        raise UsageError(f"--compare {item}: expected A:B, two eval names")
+    return a.strip(), b.strip()
+
+
 def run(cfg: ReportConfig) -> Path:
     run_dir = Path(cfg.run)
     models = load_models(run_dir)
@@ -503,12 +516,8 @@ def run(cfg: ReportConfig) -> Path:
     against = [n for item in (cfg.against or []) for n in str(item).replace(",", " ").split()]
     if against and len(against) != 2:
         raise UsageError(f"--against takes two eval names (--against A --against B), got {len(against)}")
-    pairs = [tuple(against)] if against else []
-    for item in cfg.compare or []:
-        a, sep, b = str(item).partition(":")
-        if not sep or not a.strip() or not b.strip():
-            raise UsageError(f"--compare {item}: expected A:B, two eval names")
-        pairs.append((a.strip(), b.strip()))
+    pairs = [(against[0], against[1])] if against else []
+    pairs += [compare_pair(item) for item in cfg.compare or []]
     by_name = {m.name: m for m in models}
     for name in {n for pair in pairs for n in pair}:
         if name not in by_name:

@@ -937,7 +937,7 @@ class StageOutput:
         self.flush()
         self._follow_swap()
         view, self._view = self._view, None  # until written: a failed edit must not leave its half-changes in view
-        if (self.path / MANIFEST).exists() or (self.path / LEGACY_MANIFEST).exists():
+        if manifest_file(self.path) is not None:
             view = None                      # read again below: not two copies at once
         manifest, offsets = _load(self.path)
         if manifest is None:  # a new output (`open` put its first manifest in view)

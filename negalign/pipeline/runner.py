@@ -142,20 +142,22 @@ def run_file(path: Path, *, dry_run: bool = False, from_step: str | None = None,
 
 def _report(pipe: Pipeline) -> None:
     """The `report` table at the end, when some model was evaluated."""
+    from negalign.report import compare_pair
+
     if pipe.report_options is False or any(s.stage == "report" for s in pipe.steps):
         return
     if not any(s.stage == "eval" for s in pipe.steps):
         return
     options = dict(pipe.report_options) if isinstance(pipe.report_options, dict) else {}
     def evaluated(name: str) -> bool:
-        return (pipe.run / "eval" / name.strip() / "summary.json").exists()
+        return (pipe.run / "eval" / name / "summary.json").exists()
 
     missing = [a for a in options.get("against") or [] if not evaluated(a)]
     if missing:  # e.g. after --only: the table without the paired comparison
         console.print(f"report: no paired comparison, {', '.join(missing)} not evaluated yet")
         options.pop("against")
     if options.get("compare"):
-        ready = [c for c in options["compare"] if all(evaluated(n) for n in str(c).split(":"))]
+        ready = [c for c in options["compare"] if all(evaluated(n) for n in compare_pair(c))]
         if len(ready) < len(options["compare"]):
             console.print(f"report: {len(options['compare']) - len(ready)} --compare pair(s) left out, not evaluated "
                           "yet")

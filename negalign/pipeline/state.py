@@ -56,6 +56,10 @@ class State:
         except ValueError:
             return {}
 
+    def _record(self, name: str) -> dict[str, Any] | None:
+        """This step's record: ours, or one another runner on this run directory wrote since we loaded."""
+        return self.steps.get(name) or self._read().get(name)
+
     def record(self, step: Step) -> None:
         self.steps[step.name] = {"stage": step.stage, "config": step.config,
                                  "config_fingerprint": store.fingerprint(step.config),
@@ -78,7 +82,7 @@ class State:
                 return "missing", ""
             if manifest.get("status") != "complete":
                 return "unfinished", "the stage resumes it"
-        rec = self.steps.get(step.name) or self._read().get(step.name)  # or recorded meanwhile by another runner
+        rec = self._record(step.name)
         if rec is None:
             return "not recorded", "outputs exist; the stage checks them"
         if rec["config_fingerprint"] != store.fingerprint(step.config):
@@ -96,7 +100,7 @@ class State:
 
     def soft_change(self, step: Step) -> bool:
         """Only options the stage resumes by itself changed (e.g. a larger num_samples tops up)."""
-        rec = self.steps.get(step.name) or self._read().get(step.name)  # or recorded meanwhile by another runner
+        rec = self._record(step.name)
         if rec is None:
             return False
         old, new = rec["config"], step.config
