@@ -42,9 +42,8 @@ def main() -> None:
         out.write_shard(s, table, META)
     out.flush()
     print(f"after {args.shards:,} shards:", rss_mib())
-    metas = [e["meta"] for e in out.manifest()["shards"].values()]
-    print("after manifest():", rss_mib())
-    del metas
+    pairs = sum(e["meta"]["pairs"] for e in out.manifest()["shards"].values())  # as pair's summary reads them
+    print("after manifest():", rss_mib(), f"({pairs:,} pairs)")
     out.finish(args.shards)
     print("after finish (the fold):", rss_mib())
     shutil.rmtree(args.folder, ignore_errors=True)

@@ -33,6 +33,12 @@ def exact(reply: str, target: str) -> bool:
     return bool(r) and r == normalise(target)
 
 
+def exact_each(replies: list[str], target: str) -> list[bool]:
+    """`exact` for many replies to one target, which is normalised once (filter: 32 samples a prompt)."""
+    want = normalise(target)
+    return [bool(want) and normalise(r) == want for r in replies] if want else [False] * len(replies)
+
+
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
 _ONLY_NUMBER = re.compile(rf"^\s*(?:(?:the\s+)?(?:final\s+)?answer\s*(?:is|:|=)\s*)?\$?({_NUMBER})\s*\.?\s*$",
                           re.IGNORECASE)

@@ -74,23 +74,24 @@ def check_kinds(cfg: FilterConfig) -> None:
                              f"{', '.join((*checkers.KINDS, checkers.NONE))})")
 
 
-def _verdicts(texts: list[str], pids: list[str], prompts: dict[str, dict[str, Any]],
+def _verdicts(texts: list[str], pids: np.ndarray, prompts: dict[str, dict[str, Any]],
               cfg: FilterConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Per candidate: (is_correct by the prompt's checker or None when no checker is set, is_target_copy or None
-    when that drop is off). A prompt without a target gives False for both."""
+    when that drop is off). A prompt without a target gives False for both. Worked a prompt at a time (candidates
+    come sorted by prompt): its target and checker are looked up once, not once per candidate."""
     correct = np.zeros(len(texts), dtype=bool) if (cfg.checker is not None or cfg.checkers) else None
     copy = np.zeros(len(texts), dtype=bool) if cfg.drop_same_as_target else None
-    kinds: dict[str, str] = {}
-    for i, (pid, text) in enumerate(zip(pids, texts, strict=True)):
-        p = prompts.get(pid)
+    starts = np.flatnonzero(np.r_[True, pids[1:] != pids[:-1]]).tolist() if len(pids) else []
+    for a, b in zip(starts, [*starts[1:], len(pids)], strict=True):
+        p = prompts.get(pids[a])
         target = p.get("target") if p else None
         if target is None:
             continue
         if copy is not None:
-            copy[i] = checkers.exact(text, target)
+            copy[a:b] = checkers.exact_each(texts[a:b], target)
         if correct is not None:
-            kind = kinds.get(pid) or kinds.setdefault(pid, checker_kind(p.get("task"), cfg))
-            correct[i] = bool(checkers.check(kind, text, target))
+            kind = checker_kind(p.get("task"), cfg)
+            correct[a:b] = [bool(checkers.check(kind, text, target)) for text in texts[a:b]]
     return correct, copy
 
 
@@ -154,12 +155,12 @@ def filter_shard(emb: pa.Table, samples: pa.Table, cfg: FilterConfig, file: str 
         neg_kwargs = {"neg_emb": _vectors(negs, file) if negs.num_rows else np.zeros((0, dim), np.float32),
                       "neg_group": np.array([index[p] for p in negs.column("prompt_id").to_pylist()], np.int64)}
     texts = info.column("text").fill_null("").to_pylist()
-    is_correct, is_copy = (_verdicts(texts, pids.tolist(), prompts, cfg) if prompts is not None
+    is_correct, is_copy = (_verdicts(texts, pids, prompts, cfg) if prompts is not None
                            else (None, None))
     candidates = selection.Candidates(
         group=group, sample_idx=cand.column("sample_idx").to_numpy(), text_hash=cand.column("text_sha").to_numpy(
             zero_copy_only=False), is_empty=np.array([not t.strip() for t in texts], dtype=bool), sim=sim,
-        is_truncated=np.array([r == "length" for r in info.column("finish_reason").to_pylist()], dtype=bool),
+        is_truncated=pc.equal(info.column("finish_reason"), "length").fill_null(False).to_numpy(zero_copy_only=False),
         emb=cand_emb if (cfg.near_dup_sim is not None or cfg.max_neg_sim is not None) else None,
         is_correct=is_correct, is_target_copy=is_copy)
     chosen = selection.select(cfg.strategy, candidates, **_options(cfg), **neg_kwargs)
@@ -353,11 +354,10 @@ def run(cfg: FilterConfig) -> None:
             total = _add(total, _partial_summary(result, task_of(prompts), capped))
             bar.advance(task)
     for s in sorted(set(range(num_shards)) - set(todo)):    # shards done by an earlier run: read back
-        entry = out.shard_entry(s) or {}
-        table = out.read_shard(s)
+        table = out.read_shard(s)  # verified: hashed once here (`done` hashed it before the run)
         prompts = shard_prompts(s, table.column("prompt_id")) if cfg.checkers else None
         total = _add(total, _partial_summary(table, task_of(prompts),
-                                             entry.get("meta", {}).get("capped_by_unique")))
+                                             (out.listed(s) or {}).get("meta", {}).get("capped_by_unique")))
     summary = _combine(total)
     out.finish(num_shards, timings={"filter_s": round(time.time() - t0, 3)}, summary=summary)
     print_summary(summary)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,17 @@ def trl_rows(pairs: pa.Table) -> pa.Table:
     return pa.table({"prompt": prompt, "chosen": chosen, "rejected": rejected}, schema=TRL_SCHEMA)
 
 
-def _summary(metas: list[dict[str, Any]]) -> dict[str, Any]:
-    """The output's summary from every shard's meta (all workers' shards: read from the folded manifest)."""
-    summary = {"groups": sum(m.get("groups", 0) for m in metas), "pairs": sum(m.get("pairs", 0) for m in metas),
-               "d2o_groups": sum(m.get("d2o_groups", 0) for m in metas),
-               "skipped": {r: sum(m.get("skipped", {}).get(r, 0) for m in metas) for r in SKIP_REASONS}}
-    summary["groups_with_k"] = {str(k): sum(m.get("groups_with_k", {}).get(str(k), 0) for m in metas)
-                                for k in K_LADDER}
+def _summary(metas: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The output's summary from every shard's meta (all workers' shards: read from the folded manifest), added up
+    a shard at a time."""
+    summary: dict[str, Any] = {"groups": 0, "pairs": 0, "d2o_groups": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0),
+                               "groups_with_k": {str(k): 0 for k in K_LADDER}}
+    for m in metas:
+        for key in ("groups", "pairs", "d2o_groups"):
+            summary[key] += m.get(key, 0)
+        for part in ("skipped", "groups_with_k"):
+            for key in summary[part]:
+                summary[part][key] += m.get(part, {}).get(key, 0)
     with_target = summary["groups"] - summary["d2o_groups"]
     summary["mean_negatives_per_group"] = round(summary["pairs"] / with_target, 3) if with_target else 0.0
     return summary
@@ -197,7 +202,7 @@ def run(cfg: PairConfig) -> None:
                 for k, v in skipped.items():
                     totals["skipped"][k] += v
                 bar.advance(task)
-    summary = _summary([e["meta"] for e in out.manifest()["shards"].values()])
+    summary = _summary(e["meta"] for e in out.manifest()["shards"].values())
     complete = out.finish(num_shards, timings={"pair_s": round(time.time() - t0, 2)}, summary=summary)
 
     exported = ""

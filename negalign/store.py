@@ -32,12 +32,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import heapq
 import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -67,8 +68,12 @@ def shard_name(index: int) -> str:
 
 # ----------------------------------------------------------------------------------------------- hashing
 
+def _json_default(obj: Any) -> Any:
+    return dict(obj) if isinstance(obj, ShardEntries) else str(obj)
+
+
 def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
 
 
 def fingerprint(obj: Any) -> str:
@@ -122,23 +127,42 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def json_text(obj: Any) -> str:
+def _json_chunks(obj: Any) -> Iterator[str]:
     """JSON indented two levels deep, deeper values on one line: a manifest gets one line per shard. Readable and
-    fast: json's C encoder runs only without `indent`, and indenting a 444 KB manifest in pure Python took ~0.1 s,
-    once per shard written."""
-    one_line = json.JSONEncoder(default=str).encode  # built once: json.dumps(..., default=str) builds one per call
+    fast: json's C encoder runs only without `indent` (indenting a 444 KB manifest in pure Python took ~0.1 s).
+    Yielded a line at a time, so that a manifest of 15,625 shards is written without being held whole."""
+    one_line = json.JSONEncoder(default=_json_default).encode  # built once (json.dumps builds one per call)
 
-    def encode(value: Any, depth: int) -> str:
-        if not (isinstance(value, dict) and value and depth < 2):
-            return one_line(value)
-        pad = "  " * (depth + 1)
-        items = [f"{pad}{one_line(k)}: {encode(v, depth + 1)}" for k, v in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + "  " * depth + "}"
+    def encode(value: Any, depth: int) -> Iterator[str]:
+        if isinstance(value, ShardEntries) and depth < 2:  # entries held as compact JSON: written as they are
+            items: Iterator[tuple[str, Any]] = ((k, _Raw(v)) for k, v in value.raw_items())
+        elif isinstance(value, dict) and depth < 2:
+            items = iter(value.items())
+        elif isinstance(value, _Raw):
+            yield value.text
+            return
+        else:
+            yield one_line(value)
+            return
+        pad, sep = "  " * (depth + 1), "{\n"
+        for k, v in items:
+            yield f"{sep}{pad}{one_line(k)}: "
+            yield from encode(v, depth + 1)
+            sep = ",\n"
+        yield "{}" if sep == "{\n" else "\n" + "  " * depth + "}"
     return encode(obj, 0)
 
 
+def json_text(obj: Any) -> str:
+    return "".join(_json_chunks(obj))
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json_text(obj) + "\n")
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(_json_chunks(obj))
+            f.write("\n")
+    atomic_write(path, write)
 
 
 def _is_float_list(t: pa.DataType) -> bool:
@@ -206,6 +230,51 @@ def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
 _REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict, "shards": dict}
 
 
+class _Raw:
+    """Text that `_json_chunks` writes as it is: an entry's JSON."""
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class ShardEntries(MutableMapping[str, dict[str, Any]]):
+    """A manifest's `shards`, {file name: entry}, each entry held as its compact JSON: ~0.4 KB a shard against
+    ~1.3 KB as a dict, so a process holding the manifests of 15,625-shard outputs (a writer's own, its inputs')
+    stays small. Entries are decoded on access: changing a returned entry changes nothing; assign it back."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, entries: dict[str, dict[str, Any]] | None = None) -> None:
+        self._raw: dict[str, str] = {}
+        for name, entry in (entries or {}).items():
+            self[name] = entry
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return json.loads(self._raw[name])
+
+    def __setitem__(self, name: str, entry: dict[str, Any]) -> None:
+        self._raw[name] = json.dumps(entry, separators=(",", ":"), default=str)
+
+    def __delitem__(self, name: str) -> None:
+        del self._raw[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._raw
+
+    def __repr__(self) -> str:
+        return f"ShardEntries({len(self)} shards)"
+
+    def raw_items(self) -> Iterator[tuple[str, str]]:
+        return iter(self._raw.items())
+
+
 def manifest_file(path: Path) -> Path | None:
     """The folder's manifest file (`_manifest.json`, or the older `manifest.json`), or None."""
     for name in (MANIFEST, LEGACY_MANIFEST):
@@ -214,22 +283,26 @@ def manifest_file(path: Path) -> Path | None:
     return None
 
 
+def _entry_ok(e: Any) -> bool:
+    return isinstance(e, dict) and isinstance(e.get("rows"), int) and isinstance(e.get("sha256"), str) and "status" in e
+
+
 def _manifest_problem(m: Any) -> str | None:
     """What is wrong with a parsed manifest, or None. A complete one must list exactly shards 0..num_shards-1."""
     if not isinstance(m, dict):
         return f"a JSON {type(m).__name__} instead of an object"
     for key, kind in _REQUIRED.items():
-        if not isinstance(m.get(key), kind):
+        if not (isinstance(m.get(key), kind) or key == "shards" and isinstance(m.get(key), ShardEntries)):
             return f"'{key}' is missing or not a {kind.__name__}"
     if m["status"] not in ("running", "complete"):
         return f"unknown status '{m['status']}'"
     journals = m.get("journals", {})
     if not (isinstance(journals, dict) and all(isinstance(v, int) for v in journals.values())):
         return "'journals' is not a map of journal names to offsets"
-    for name, e in m["shards"].items():
-        if not (isinstance(e, dict) and isinstance(e.get("rows"), int) and isinstance(e.get("sha256"), str)
-                and "status" in e):
-            return f"shard entry '{name}' lacks rows, sha256 or status"
+    if isinstance(m["shards"], dict):  # (ShardEntries were checked as they were read)
+        for name, e in m["shards"].items():
+            if not _entry_ok(e):
+                return f"shard entry '{name}' lacks rows, sha256 or status"
     if m["status"] == "complete":
         n = m.get("num_shards")
         if not isinstance(m.get("fingerprint"), str) or not isinstance(n, int):
@@ -239,10 +312,46 @@ def _manifest_problem(m: Any) -> str | None:
     return None
 
 
+_SHARDS_OPEN = b'\n  "shards": {\n'  # how `_json_chunks` opens a manifest's shards: then one line per shard
+
+
+def _parse_by_line(text: bytes) -> dict[str, Any] | None:
+    """A manifest laid out as `_json_chunks` writes it, its shards parsed a line at a time into `ShardEntries`
+    (parsing the whole file at once would hold every entry as a dict); None for any other layout or a line that
+    does not parse as an entry (the caller then parses it whole, and reports what is wrong)."""
+    start = text.find(_SHARDS_OPEN)
+    if start < 0:
+        return None
+    shards, pos = ShardEntries(), start + len(_SHARDS_OPEN)
+    while not text.startswith(b"  }", pos):
+        end = text.find(b"\n", pos)
+        try:
+            item = json.loads(b"{" + text[pos:end if end >= 0 else None].rstrip(b",") + b"}")
+        except ValueError:
+            return None
+        for name, entry in item.items():
+            if not _entry_ok(entry):
+                return None
+            shards[name] = entry
+        if end < 0:
+            return None
+        pos = end + 1
+    try:
+        m = json.loads(text[:start] + b'\n  "shards": {}' + text[pos + 3:])
+    except ValueError:
+        return None
+    if not isinstance(m, dict):
+        return None
+    m["shards"] = shards
+    return m
+
+
 def _parse_manifest(f: Path, text: bytes) -> dict[str, Any]:
     m: Any = None
     try:
-        m = json.loads(text)
+        m = _parse_by_line(text)
+        if m is None:
+            m = json.loads(text)
         why = _manifest_problem(m)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         why = f"not valid JSON: {e}"
@@ -250,6 +359,8 @@ def _parse_manifest(f: Path, text: bytes) -> dict[str, Any]:
         stage = m.get("stage") if isinstance(m, dict) else None
         rerun = f"negalign {command_of(stage)}" if isinstance(stage, str) else "the stage that writes it"
         raise UsageError(f"{f}: broken manifest ({why}); re-run {rerun} with --overwrite to rebuild this output")
+    if isinstance(m["shards"], dict):
+        m["shards"] = ShardEntries(m["shards"])
     return m
 
 
@@ -276,39 +387,41 @@ def _journal_line(line: bytes) -> tuple[int, str, dict[str, Any]] | None:
     if not isinstance(rec, dict):
         return None
     shard, t, e = rec.get("shard"), rec.get("t"), rec.get("entry")
-    if not (isinstance(shard, str) and isinstance(t, int) and isinstance(e, dict) and isinstance(e.get("rows"), int)
-            and isinstance(e.get("sha256"), str) and "status" in e):
+    if not (isinstance(shard, str) and isinstance(t, int) and _entry_ok(e)):
         return None
     return t, shard, e
 
 
-def _journal_tail(file: Path, offset: int) -> tuple[list[tuple[int, str, dict[str, Any]]], int]:
-    """The journal's lines after byte `offset`, up to its last newline (a line still being written, or torn by a
-    kill, is not one yet), and the offset after them."""
+def _journal_tail(file: Path, offset: int, ends: dict[str, int]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """The journal's lines after byte `offset`, read as they are used, up to its last newline (a line still being
+    written, or torn by a kill, is not one yet); then `ends[file.name]` is the offset after them."""
+    pos = offset
     try:
         with open(file, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break
+                pos += len(line)
+                if (rec := _journal_line(line)) is not None:
+                    yield rec
     except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    lines = [rec for line in data[:end].splitlines() if (rec := _journal_line(line)) is not None]
-    return lines, offset + end
+        pass
+    ends[file.name] = pos
 
 
 def _fold(folder: Path, base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """`base` (a parsed manifest, changed in place) with every journal line beyond what it folded applied, in time
-    order, and how far each journal has now been read. A complete manifest holds everything: journals beside it are
-    leftovers of a fold killed before it removed them, and are ignored."""
+    """`base` (a parsed manifest, changed in place) with every journal line beyond what it folded applied, and how
+    far each journal has now been read. Lines are applied in time order, journals merged as they are read (each
+    journal is in time order: one writer appends it), so the fold holds no more than the manifest. A complete
+    manifest holds everything: journals beside it are leftovers of a fold killed before it removed them, and are
+    ignored."""
     if base["status"] == "complete":
         return base, {}
     folded = base.get("journals") or {}
     offsets: dict[str, int] = {}
-    lines: list[tuple[int, str, dict[str, Any]]] = []
-    for f in journal_files(folder):
-        tail, offsets[f.name] = _journal_tail(f, int(folded.get(f.name, 0)))
-        lines += tail
-    for _, shard, entry in sorted(lines, key=lambda rec: rec[0]):
+    tails = [_journal_tail(f, int(folded.get(f.name, 0)), offsets) for f in journal_files(folder)]
+    for _, shard, entry in heapq.merge(*tails, key=lambda rec: rec[0]):
         base["shards"][shard] = entry
     return base, offsets
 
@@ -825,7 +938,8 @@ class StageOutput:
                     out._view = {"stage": stage, "negalign_version": __version__, "config": config,
                                  "config_fingerprint": fingerprint(config), "inputs": fps, "input_paths": paths,
                                  "lineage": lineage, "info": out.info, "status": "running", "num_shards": None,
-                                 "shards": {}, "created_at": _now(), "timings": {}, "versions": library_versions()}
+                                 "shards": ShardEntries(), "created_at": _now(), "timings": {},
+                                 "versions": library_versions()}
                 # Nobody else holds the output: every journal is a dead writer's, folded now and removed.
                 with out._editing(drop="all" if out._lock.alone else "none") as manifest:
                     manifest["info"] = {**manifest.get("info", {}), **out.info}
@@ -985,9 +1099,13 @@ class StageOutput:
             os.close(self._journal[0])
             self._journal = None
 
+    def listed(self, index: int) -> dict[str, Any] | None:
+        """The shard's manifest entry as listed, its file not checked (`shard_entry` checks it)."""
+        return self._current()["shards"].get(shard_name(index))
+
     def shard_entry(self, index: int) -> dict[str, Any] | None:
         """The manifest entry of a shard if it is complete and its file is intact, else None."""
-        entry = self._current()["shards"].get(shard_name(index))
+        entry = self.listed(index)
         f = self.path / shard_name(index)
         if entry is None or entry.get("status") != "complete" or not f.exists():
             return None
@@ -1000,7 +1118,7 @@ class StageOutput:
 
     def read_shard(self, index: int) -> pa.Table:
         """A shard this output holds, verified against its sha256."""
-        entry = self._current()["shards"].get(shard_name(index))
+        entry = self.listed(index)
         if entry is None:
             raise NegalignError(f"{self.path / shard_name(index)}: not written yet")
         return read_verified(self.path / shard_name(index), entry)

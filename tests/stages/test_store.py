@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from negalign.errors import BadInput, NegalignError, UsageError
-from negalign.store import MANIFEST, StageOutput, my_shards, open_stage, shard_name
+from negalign.store import MANIFEST, StageOutput, json_text, my_shards, open_stage, shard_name
 
 
 def _table(start: int, n: int) -> pa.Table:
@@ -376,14 +376,34 @@ def test_interleaved_workers_keep_each_others_shards(tmp_path: Path) -> None:
 
 
 def test_manifest_json_is_one_line_per_shard_and_round_trips() -> None:
-    from negalign.store import json_text
-
     manifest = {"stage": "toy", "config": {"a": 1, "nested": {"b": [1, 2]}}, "empty": {},
                 "shards": {shard_name(i): {"rows": i, "sha256": "x" * 64, "meta": {"k": [i]}} for i in range(20)}}
     text = json_text(manifest)
     assert json.loads(text) == manifest
     assert sum(line.strip().startswith('"part-') for line in text.splitlines()) == 20
     assert '"nested": {' in text  # small dicts stay indented, one key per line
+
+
+def test_manifest_is_read_a_shard_line_at_a_time_and_any_other_layout_whole(tmp_path: Path) -> None:
+    """Entries are held as compact JSON (`ShardEntries`), parsed a line at a time from the layout the store writes;
+    a manifest laid out otherwise (re-indented by hand) reads the same, and a bad entry is refused either way."""
+    from negalign.store import ShardEntries, read_manifest
+
+    out = StageOutput.open(tmp_path / "o", "toy", {"a": 1}, {"input": "abc"})
+    for s in range(3):
+        out.write_shard(s, _table(10 * s, 10), {"k": [s, {"deep": "x\n}"}]})
+    out.finish(3)
+    f = tmp_path / "o" / MANIFEST
+    raw = json.loads(f.read_text())
+    by_line = read_manifest(tmp_path / "o")
+    assert isinstance(by_line["shards"], ShardEntries) and by_line == raw and by_line["shards"] == raw["shards"]
+    f.write_text(json.dumps(raw, indent=4))
+    assert read_manifest(tmp_path / "o") == raw
+    bad = {**raw, "shards": {**raw["shards"], shard_name(1): {"rows": 10, "status": "complete"}}}
+    for text in (json.dumps(bad, indent=4), json_text(bad)):
+        f.write_text(text)
+        with pytest.raises(UsageError, match=f"shard entry '{shard_name(1)}' lacks rows, sha256 or status"):
+            read_manifest(tmp_path / "o")
 
 
 # ------------------------------------------------------------------------------------------------ issue 20: journals

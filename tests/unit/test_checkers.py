@@ -78,6 +78,12 @@ def test_checker(kind, reply, target, expected):
     assert check(kind, reply, target) is expected
 
 
+def test_exact_each_is_exact_for_every_reply():
+    replies = [reply for reply, _, _ in CASES["exact"]] + ["", " .", "Paris", "paris."]
+    for target in {t for _, t, _ in CASES["exact"]} | {"", ".", "Paris"}:
+        assert checkers.exact_each(replies, target) == [checkers.exact(r, target) for r in replies]
+
+
 def test_no_target_is_not_scored_and_none_reply_is_empty():
     assert check("exact", "Paris", None) is None
     assert check("exact", None, "Paris") is False
