@@ -9,6 +9,7 @@ dict of floats computed from detached tensors: `rewards/chosen`, `rewards/reject
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,15 @@ probability, so a 5-token answer keeps e^−2.5 ≈ 8 % of its sequence probabil
 longer give it back; and it is far outside the drift that a healthy DPO run needs, since the paper's ~200-token
 answers reach a comfortable margin with about 0.07 nats per token in all. A small fall of the chosen is common in
 DPO (arXiv 2402.13228, 2410.08847) and does not trigger it."""
+
+DISPLACEMENT_WINDOW = 0.1
+"""The share of the logged steps (at least one) that `train`'s warning and `report`'s displacement plot average
+over: one step holds only a few groups, so single steps are noisy."""
+
+
+def displacement_window(num_steps: int) -> int:
+    """How many consecutive logged steps one displacement mean covers."""
+    return max(1, math.ceil(num_steps * DISPLACEMENT_WINDOW))
 
 Metrics = dict[str, float]
 

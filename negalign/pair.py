@@ -138,6 +138,25 @@ def _summary(metas: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+GREEDY_COLUMNS = ["prompt_id", "sample_idx", "text"]
+
+
+def _y_refs(greedy: pa.Table) -> dict[str, str]:
+    """{prompt_id: greedy text}; of several greedy samples of a prompt, the lowest sample_idx wins."""
+    y_refs: dict[str, str] = {}
+    for r in sorted(greedy.to_pylist(), key=lambda r: -r["sample_idx"]):
+        y_refs[r["prompt_id"]] = r["text"] or ""
+    return y_refs
+
+
+def _same_layout(greedy: StageInput, samples: StageInput) -> bool:
+    """Whether greedy shard s covers the prompts of samples shard s: both sampled from the same prompts with the
+    same shard size (`sample --greedy` in one run). Then pair reads one greedy shard per samples shard, not all."""
+    prompts, size = samples.inputs.get("prompts"), samples.config.get("shard_size")
+    return (prompts is not None and size is not None and greedy.inputs.get("prompts") == prompts
+            and greedy.config.get("shard_size") == size and greedy.num_shards == samples.num_shards)
+
+
 def run(cfg: PairConfig) -> None:
     negatives = open_stage(*stage_input(cfg, "negatives"))
     samples = open_stage(*stage_input(cfg, "samples"))
@@ -163,14 +182,13 @@ def run(cfg: PairConfig) -> None:
     t0 = time.time()
     if plan:
         prompt_rows = PromptRows(prompts_in, ["prompt_id", "messages", "target", "negatives"], samples)
-        y_refs: dict[str, str] = {}
-        if greedy_in is not None:
-            for r in sorted(greedy_in.read(["prompt_id", "sample_idx", "text"]).to_pylist(),
-                            key=lambda r: -r["sample_idx"]):
-                y_refs[r["prompt_id"]] = r["text"] or ""  # the lowest sample_idx wins
+        greedy_aligned = greedy_in is not None and _same_layout(greedy_in, samples)
+        y_refs = _y_refs(greedy_in.read(GREEDY_COLUMNS)) if greedy_in is not None and not greedy_aligned else {}
         with progress() as bar:
             task = bar.add_task(f"pair → {out_dir}", total=len(plan))
             for s in plan:
+                if greedy_aligned:
+                    y_refs = _y_refs(greedy_in.read_shard(s, GREEDY_COLUMNS))
                 rows = samples.read_shard(s, ["prompt_id", "sample_idx", "text"])
                 candidates = _candidates_by_prompt(negatives.read_shard(s, CANDIDATE_COLUMNS))
                 texts: dict[str, dict[int, str]] = {}

@@ -379,12 +379,12 @@ def plot_displacement(models: list[Model], out: Path) -> Path | None:
             logs[m.name] = rows
     if not logs:
         return None
-    from negalign.losses import DISPLACEMENT_THRESHOLD
+    from negalign.losses import DISPLACEMENT_THRESHOLD, DISPLACEMENT_WINDOW, displacement_window
 
     def smooth(points: list[tuple[float, float]]) -> tuple[list[float], np.ndarray]:
-        """A 5-step moving average: one step holds only a few groups, so single steps are noisy."""
+        """A moving average over as many steps as train's warning averages (`losses.displacement_window`)."""
         steps, values = zip(*points, strict=True)
-        width = min(5, len(values))
+        width = displacement_window(len(values))
         return list(steps)[width - 1:], np.convolve(values, np.ones(width) / width, mode="valid")
 
     plt = _plt()
@@ -407,7 +407,8 @@ def plot_displacement(models: list[Model], out: Path) -> Path | None:
     extra = [(h, lab) for h, lab in zip(*left.get_legend_handles_labels(), strict=True) if lab.startswith("warning")]
     fig.legend(handles + [h for h, _ in extra], labels + [lab for _, lab in extra], loc="center left",
                bbox_to_anchor=(1.0, 0.5), fontsize=7)
-    fig.suptitle("Likelihood displacement: the chosen answer during training (5-step moving average)", fontsize=9)
+    fig.suptitle("Likelihood displacement: the chosen answer during training (moving average over "
+                 f"{DISPLACEMENT_WINDOW:.0%} of each run's steps, as train's warning)", fontsize=9)
     fig.tight_layout()
     path = out / "displacement.png"
     fig.savefig(path, bbox_inches="tight")

@@ -64,9 +64,9 @@ def warmup(cfg: TrainConfig) -> tuple[int, float]:
     return 0, 0.0 if cfg.objective == "sft" else PREFERENCE_WARMUP_RATIO
 
 
-def displacement_warning(logged: list[dict[str, Any]], threshold: float = losses.DISPLACEMENT_THRESHOLD,
-                         tail: float = 0.1) -> tuple[float | None, float | None, str | None]:
-    """(the chosen's mean `logratio/chosen_per_token` over the last `tail` share of the logged steps, at least one;
+def displacement_warning(logged: list[dict[str, Any]], threshold: float = losses.DISPLACEMENT_THRESHOLD
+                         ) -> tuple[float | None, float | None, str | None]:
+    """(the chosen's mean `logratio/chosen_per_token` over the last `losses.displacement_window` logged steps;
     the lowest mean over any window of that many consecutive steps; the one-line warning when either is below
     `threshold`, else None). (None, None, None) when no step logged it (sft, d2o). A dip that recovered by the end
     still warns: in `make experiment` (2026-12-07) `sc` at lr 2e-4 dipped to −0.87 and ended at −0.07, and lost
@@ -74,7 +74,7 @@ def displacement_warning(logged: list[dict[str, Any]], threshold: float = losses
     values = [r["logratio/chosen_per_token"] for r in logged if "logratio/chosen_per_token" in r]
     if not values:
         return None, None, None
-    n = max(1, math.ceil(len(values) * tail))
+    n = losses.displacement_window(len(values))
     end = sum(values[-n:]) / n
     means = [sum(values[i:i + n]) / n for i in range(len(values) - n + 1)]
     low = min(means)

@@ -330,6 +330,8 @@ def test_pipeline_filter_then_pair(sampled_run: Path, tmp_path: Path) -> None:
     shutil.copytree(sampled_run, run)
     negalign("filter", "--run", run, check=True)
     negalign("pair", "--run", run, "--export-trl", tmp_path / "trl.parquet", check=True)
+    # `sample --greedy` in the same run: pair reads greedy a shard at a time (the y_refs are checked below)
+    assert pair_mod._same_layout(open_stage(run / "greedy", "sample"), open_stage(run / "samples", "sample"))
     _check_pairs(run, tmp_path / "trl.parquet")
     assert pq.read_table(tmp_path / "trl.parquet").num_rows > 0
 
