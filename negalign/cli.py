@@ -152,10 +152,12 @@ def inspect_(
     examples: Annotated[int, typer.Option(help="Example rows to show.")] = 3,
     debug: Debug = False,
 ) -> None:
-    """Show what a run holds: rows per stage, drops by reason, a similarity histogram, damaged shards, examples."""
+    """Show what a run holds: rows per stage, drops by reason, a similarity histogram, damaged shards, examples.
+    Exits 1 when a stage folder is damaged, stale or has a broken manifest (a health check for scripts)."""
     from negalign import inspection
 
-    guarded(debug, lambda: inspection.show(path, examples=examples))
+    if guarded(debug, lambda: inspection.show(path, examples=examples)):
+        raise typer.Exit(1)
 
 
 @app.command()

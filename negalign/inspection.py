@@ -54,11 +54,12 @@ def check(folder: Path, m: dict) -> str:
     return "ok"
 
 
-def _overview(run: Path) -> None:
+def _overview(run: Path) -> int:
+    """Print one row per stage folder of the run; return how many are damaged, stale or broken."""
     table = Table(title=f"run {run}", title_justify="left")
     for col in ("folder", "stage", "status", "shards", "rows", "fingerprint", "check"):
         table.add_column(col)
-    found = False
+    found, problems = False, 0
     folders = sorted({p.parent for name in (MANIFEST, LEGACY_MANIFEST) for p in run.rglob(name)
                       if not any(part.startswith(".") for part in p.relative_to(run).parts)})  # no staging folders
     for folder in folders:
@@ -67,14 +68,18 @@ def _overview(run: Path) -> None:
             m = read_manifest(folder)
         except UsageError:
             table.add_row(str(folder.relative_to(run)), "?", "?", "?", "?", "-", "broken manifest")
+            problems += 1
             continue
         assert m is not None
         rows = sum(s["rows"] for s in m["shards"].values())
+        verdict = check(folder, m)
+        problems += verdict != "ok"
         table.add_row(str(folder.relative_to(run)), m["stage"], m["status"], _shards_text(m), f"{rows:,}",
-                      m.get("fingerprint", "-"), check(folder, m))
+                      m.get("fingerprint", "-"), verdict)
     if not found:
         raise UsageError(f"{run}: no stage outputs here (no {MANIFEST})")
     console.print(table)
+    return problems
 
 
 def _stage_details(stage: StageInput, examples: int) -> None:
@@ -114,7 +119,9 @@ def _stage_details(stage: StageInput, examples: int) -> None:
                            for k, v in row.items() if k not in skip})
 
 
-def show(path: Path, examples: int = 3) -> None:
+def show(path: Path, examples: int = 3) -> int:
+    """Show a run or one stage folder; return how many folders are damaged, stale or broken (unfinished is not a
+    problem: it may be running)."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: not found")
@@ -126,8 +133,7 @@ def show(path: Path, examples: int = 3) -> None:
             console.print(f"[red]{path}: {problem}[/red]")
         if m["status"] != "complete":
             console.print(f"{path}: stage {m['stage']} is not finished ({_shards_text(m)} shards done)")
-            return
-        if not problem.startswith("damaged"):
+        elif not problem.startswith("damaged"):
             _stage_details(open_stage(path, check_lineage=False), examples)
-    else:
-        _overview(path)
+        return int(problem != "ok")
+    return _overview(path)

@@ -211,8 +211,9 @@ def test_inspect_flags_stale_outputs(chain: Path) -> None:
     before = negalign("inspect", chain, check=True)
     assert "stale:" not in before.stdout + before.stderr
     _samples(chain, open_stage(chain / "prompts"), "new")
-    after = negalign("inspect", chain, check=True)
+    after = negalign("inspect", chain)
     assert (after.stdout + after.stderr).count("stale:") == 3  # embeddings, negatives, pairs
+    assert after.returncode == 1  # a health check for scripts: a stale folder is a failure
 
 
 def test_every_stage_folder_reads_with_pandas_polars_duckdb(chain: Path) -> None:

@@ -201,8 +201,14 @@ def test_flipped_bit_is_refused_on_read_flagged_by_inspect_and_redone(tmp_path: 
     proc = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path)], capture_output=True,
                           text=True)
     assert "damaged" in proc.stdout + proc.stderr and "part-00001" in proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    one = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path / "o")], capture_output=True,
+                         text=True)
+    assert one.returncode == 1 and "damaged: part-00001.parquet" in one.stdout + one.stderr
     _, written = _write_all(tmp_path / "o", {"a": 1})
     assert written == [1] and _rows(tmp_path / "o") == list(range(30))
+    healthy = subprocess.run([sys.executable, "-m", "negalign", "inspect", str(tmp_path)], capture_output=True)
+    assert healthy.returncode == 0
 
 
 def test_unlisted_shards_are_never_read(tmp_path: Path) -> None:
