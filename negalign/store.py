@@ -240,8 +240,9 @@ class _Raw:
 
 class ShardEntries(MutableMapping[str, dict[str, Any]]):
     """A manifest's `shards`, {file name: entry}, each entry held as its compact JSON: ~0.4 KB a shard against
-    ~1.3 KB as a dict, so a process holding the manifests of 15,625-shard outputs (a writer's own, its inputs')
-    stays small. Entries are decoded on access: changing a returned entry changes nothing; assign it back."""
+    ~1.8 KB as dicts (pair-like meta, tracemalloc), so a process holding the manifests of 15,625-shard outputs (a
+    writer's own, its inputs') stays small. Entries are decoded on access: changing a returned entry changes
+    nothing; assign it back."""
 
     __slots__ = ("_raw",)
 
