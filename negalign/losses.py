@@ -34,6 +34,12 @@ def displacement_window(num_steps: int) -> int:
     """How many consecutive logged steps one displacement mean covers."""
     return max(1, math.ceil(num_steps * DISPLACEMENT_WINDOW))
 
+
+def displacement_means(values: list[float]) -> list[float]:
+    """The mean of every `displacement_window(len(values))` consecutive logged values; the last is the run's end."""
+    n = displacement_window(len(values))
+    return [sum(values[i:i + n]) / n for i in range(len(values) - n + 1)]
+
 Metrics = dict[str, float]
 
 

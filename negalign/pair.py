@@ -178,7 +178,6 @@ def run(cfg: PairConfig) -> None:
         raise UsageError(f"{negatives.path} has {negatives.num_shards} shards and {samples.path} {num_shards}: the "
                          "filter output was not made from these samples; re-run embed and filter with --overwrite")
     plan = [s for s in my_shards(num_shards, cfg.shard_index, cfg.num_shards) if not out.done(s)]
-    totals: dict[str, Any] = {"groups": 0, "pairs": 0, "d2o": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
     t0 = time.time()
     if plan:
         prompt_rows = PromptRows(prompts_in, ["prompt_id", "messages", "target", "negatives"], samples)
@@ -214,11 +213,6 @@ def run(cfg: PairConfig) -> None:
                 usable = {str(k): len(take_first_k(rejected, k)[0]) for k in K_LADDER}
                 out.write_shard(s, table, {"groups": len(groups), "pairs": n_pairs, "d2o_groups": n_d2o,
                                            "skipped": skipped, "groups_with_k": usable})
-                totals["groups"] += len(groups)
-                totals["pairs"] += n_pairs
-                totals["d2o"] += n_d2o
-                for k, v in skipped.items():
-                    totals["skipped"][k] += v
                 bar.advance(task)
     summary = _summary(e["meta"] for e in out.manifest()["shards"].values())
     complete = out.finish(num_shards, timings={"pair_s": round(time.time() - t0, 2)}, summary=summary)

@@ -379,13 +379,13 @@ def plot_displacement(models: list[Model], out: Path) -> Path | None:
             logs[m.name] = rows
     if not logs:
         return None
-    from negalign.losses import DISPLACEMENT_THRESHOLD, DISPLACEMENT_WINDOW, displacement_window
+    from negalign.losses import DISPLACEMENT_THRESHOLD, DISPLACEMENT_WINDOW, displacement_means
 
-    def smooth(points: list[tuple[float, float]]) -> tuple[list[float], np.ndarray]:
-        """A moving average over as many steps as train's warning averages (`losses.displacement_window`)."""
+    def smooth(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+        """The moving average train's warning uses (`losses.displacement_means`), at the step that ends each window."""
         steps, values = zip(*points, strict=True)
-        width = displacement_window(len(values))
-        return list(steps)[width - 1:], np.convolve(values, np.ones(width) / width, mode="valid")
+        means = displacement_means(list(values))
+        return list(steps)[len(steps) - len(means):], means
 
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))

@@ -38,7 +38,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,20 +134,15 @@ def _json_chunks(obj: Any) -> Iterator[str]:
     one_line = json.JSONEncoder(default=_json_default).encode  # built once (json.dumps builds one per call)
 
     def encode(value: Any, depth: int) -> Iterator[str]:
-        if isinstance(value, ShardEntries) and depth < 2:  # entries held as compact JSON: written as they are
-            items: Iterator[tuple[str, Any]] = ((k, _Raw(v)) for k, v in value.raw_items())
-        elif isinstance(value, dict) and depth < 2:
-            items = iter(value.items())
-        elif isinstance(value, _Raw):
-            yield value.text
-            return
-        else:
+        if not (isinstance(value, dict | ShardEntries) and depth < 2):
             yield one_line(value)
             return
+        # ShardEntries hold each entry as compact JSON: written as it is
+        raw = isinstance(value, ShardEntries)
         pad, sep = "  " * (depth + 1), "{\n"
-        for k, v in items:
+        for k, v in value.raw_items() if raw else value.items():
             yield f"{sep}{pad}{one_line(k)}: "
-            yield from encode(v, depth + 1)
+            yield from [v] if raw else encode(v, depth + 1)
             sep = ",\n"
         yield "{}" if sep == "{\n" else "\n" + "  " * depth + "}"
     return encode(obj, 0)
@@ -227,15 +222,8 @@ def check_schema(schema: pa.Schema, stage: str, file: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- manifests
 
-_REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict, "shards": dict}
-
-
-class _Raw:
-    """Text that `_json_chunks` writes as it is: an entry's JSON."""
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
+_REQUIRED = {"stage": str, "status": str, "config": dict, "config_fingerprint": str, "inputs": dict,
+             "shards": Mapping}  # a dict as parsed whole, ShardEntries as read a line at a time
 
 
 class ShardEntries(MutableMapping[str, dict[str, Any]]):
@@ -293,7 +281,7 @@ def _manifest_problem(m: Any) -> str | None:
     if not isinstance(m, dict):
         return f"a JSON {type(m).__name__} instead of an object"
     for key, kind in _REQUIRED.items():
-        if not (isinstance(m.get(key), kind) or key == "shards" and isinstance(m.get(key), ShardEntries)):
+        if not isinstance(m.get(key), kind):
             return f"'{key}' is missing or not a {kind.__name__}"
     if m["status"] not in ("running", "complete"):
         return f"unknown status '{m['status']}'"

@@ -75,9 +75,8 @@ def displacement_warning(logged: list[dict[str, Any]], threshold: float = losses
     if not values:
         return None, None, None
     n = losses.displacement_window(len(values))
-    end = sum(values[-n:]) / n
-    means = [sum(values[i:i + n]) / n for i in range(len(values) - n + 1)]
-    low = min(means)
+    means = losses.displacement_means(values)
+    end, low = means[-1], min(means)
     fix = "add --sft-weight (e.g. 1) or --dpop-lambda, or lower --lr"
     if end < threshold:
         return end, low, (f"train: warning: likelihood displacement: the chosen answer's log-ratio to the reference "
