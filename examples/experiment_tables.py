@@ -11,7 +11,6 @@ validation split; then the paired comparisons (A − B with a paired bootstrap 9
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -90,10 +89,10 @@ def best_seed0(by_name: dict[str, report.Model]) -> str | None:
     s1 = by_name.get("sc-best-s1")
     if s1 is None:
         return None
-    key = json.dumps(s1.method(ignore=("seed",)), sort_keys=True, default=str)
+    method = s1.method(ignore=("seed",))
     for name, m in by_name.items():
         if (not name.startswith(("sc-best", "val-")) and m.train.get("seed") == 0
-                and json.dumps(m.method(ignore=("seed",)), sort_keys=True, default=str) == key):
+                and m.method(ignore=("seed",)) == method):
             return name
     return None
 
